@@ -1,0 +1,49 @@
+# The project's two commands: `make run` (the demo) and `make test` (lint, types, tests).
+# Both work on a fresh clone: they create .venv and install from the pinned constraints.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+ARGS   ?=
+
+.PHONY: run test lint typecheck unit bench lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+
+$(VENV)/.installed-run: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(BIN)/portcullis demo $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests scripts
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-test
+	$(BIN)/pytest $(ARGS)
+
+test: lint typecheck unit
+
+# Benchmarks: wrk against nginx and Portcullis in one run (docs/benchmarks.md).
+bench: $(VENV)/.installed-test
+	bash scripts/bench/run.sh
+
+# Re-pin every dependency (run when pyproject.toml changes; needs the registry).
+lock:
+	rm -rf /tmp/portcullis-lock && $(PYTHON) -m venv /tmp/portcullis-lock
+	/tmp/portcullis-lock/bin/python -m pip install --quiet --upgrade "pip>=24"
+	/tmp/portcullis-lock/bin/python -m pip install --quiet -e '.[test]'
+	/tmp/portcullis-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

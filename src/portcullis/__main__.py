@@ -1,0 +1,5 @@
+"""`python -m portcullis` runs the CLI."""
+
+from portcullis.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""The gateway's ASGI application: runs the pipeline for every HTTP request.
+
+Plain ASGI (Starlette's way): the chain is assembled once in `build_gateway`, and
+each request is one pass over a list of bound methods. Nothing a client sends can
+produce a stack trace in a response: an unexpected error in a stage becomes a 500
+problem whose body says nothing about the cause; the log gets the exception type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from portcullis.exchange import Exchange, Receive, Send
+from portcullis.pipeline import Pipeline
+from portcullis.problems import PROBLEM_CONTENT_TYPE, Problem
+
+log = logging.getLogger("portcullis.gateway")
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def new_request_id() -> str:
+    """96 random bits, hex: unique without coordination between processes."""
+    return os.urandom(12).hex()
+
+
+class GatewayApp:
+    """ASGI 3 callable. `startup`/`shutdown` hooks run on lifespan events, in order."""
+
+    def __init__(self, pipeline: Pipeline, request_id_header: bytes = b"x-request-id") -> None:
+        self.pipeline = pipeline
+        self._request_stages = pipeline.request_stages
+        self._response_stages = pipeline.response_stages
+        self._completions = pipeline.completions
+        self._rid_header = request_id_header
+        self.startup_hooks: list[Hook] = []
+        self.shutdown_hooks: list[Hook] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    for hook in self.startup_hooks:
+                        await hook()
+                except Exception as exc:
+                    log.error("start-up failed: %s: %s", type(exc).__name__, exc)
+                    await send({"type": "lifespan.startup.failed", "message": type(exc).__name__})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                for hook in self.shutdown_hooks:
+                    try:
+                        await hook()
+                    except Exception as exc:  # keep shutting the rest down
+                        log.error("shutdown step failed: %s: %s", type(exc).__name__, exc)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        peer = client[0] if client else "0.0.0.0"  # noqa: S104 - a placeholder address, not a bind
+        ex = Exchange(
+            scope=scope, receive=receive, method=scope["method"],
+            raw_path=scope.get("raw_path") or scope["path"].encode(),
+            query=scope.get("query_string", b""), headers=scope["headers"],
+            request_id=new_request_id(), client_ip=peer,
+        )
+        ex.facts["peer"] = peer
+        problem: Problem | None = None
+        try:
+            for stage in self._request_stages:
+                problem = await stage(ex)
+                if problem is not None:
+                    break
+        except Exception as exc:
+            log.error("stage failed: %s (request %s)", type(exc).__name__, ex.request_id)
+            problem = Problem(500, "internal-error", "internal.stage_error", "The gateway failed to handle this request.")
+        try:
+            if problem is not None:
+                await self._send_problem(ex, problem, send)
+            else:
+                await self._send_upstream(ex, send)
+        finally:
+            for done in self._completions:
+                try:
+                    done(ex)
+                except Exception as exc:  # a completion must never break the others
+                    log.error("completion failed: %s", type(exc).__name__)
+
+    async def _send_problem(self, ex: Exchange, problem: Problem, send: Send) -> None:
+        body = problem.body(ex.request_id)
+        ex.status = problem.status
+        ex.decision = "error" if problem.status >= 500 else "deny"
+        ex.reason = problem.reason
+        ex.bytes_out = len(body)
+        headers = [
+            (b"content-type", PROBLEM_CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (self._rid_header, ex.request_id.encode()),
+            *ex.response_headers,
+            *problem.headers,
+        ]
+        await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body if ex.method != "HEAD" else b""})
+
+    async def _send_upstream(self, ex: Exchange, send: Send) -> None:
+        up = ex.upstream
+        if up is None:  # the pipeline ended without a terminal stage: a config bug
+            await self._send_problem(ex, Problem(500, "internal-error", "internal.no_response",
+                                                 "The gateway failed to handle this request."), send)
+            return
+        try:
+            for on_response in self._response_stages:
+                await on_response(ex)
+            ex.status = up.status
+            headers = [*up.headers, *ex.response_headers, (self._rid_header, ex.request_id.encode())]
+            await send({"type": "http.response.start", "status": up.status, "headers": headers})
+            if up.body is not None:
+                try:
+                    async for chunk in up.body:
+                        ex.bytes_out += len(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except Exception as exc:
+                    # Headers are gone already: all we can do is cut the connection
+                    # (by not finishing the response) and record why.
+                    ex.decision = "error"
+                    ex.reason = ("upstream.response_too_large" if ex.facts.get("response_too_large")
+                                 else "upstream.body_error")
+                    log.warning("response aborted: %s (request %s)", type(exc).__name__, ex.request_id)
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if up.release is not None:
+                up.release()

@@ -1,0 +1,193 @@
+"""The gateway's config file: one YAML document, validated strictly.
+
+Unknown keys are errors, and every error names its exact path, e.g.
+``routes[3].upstream: unknown upstream 'billing'``. Each stage's own model lives
+beside its handler; this module composes them and checks what crosses models
+(references between names, deny by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from portcullis.stages.limit import RateLimitConfig
+from portcullis.stages.normalize import NormalizeConfig
+from portcullis.stages.proxy import UpstreamConfig
+from portcullis.stages.route import RouteConfig, parse_template
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+class ListenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: ListenConfig = ListenConfig()
+    metrics: ListenConfig | None = ListenConfig(port=9102)
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0, le=600)
+    keep_alive_seconds: int = Field(default=5, ge=1, le=300)
+    log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch: int = Field(default=512, ge=1, le=100_000)
+    max_backlog: int = Field(default=100_000, ge=1, le=10_000_000)
+
+
+class KeysConfig(BaseModel):
+    """API key settings: the default limit for keys that carry none of their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_rate_limit: RateLimitConfig | None = None
+    revocation_poll_seconds: float = Field(default=0.25, gt=0, le=10)
+
+
+class GatewayConfig(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = Field(default=1, ge=1, le=1)
+    data_dir: str = "./data"
+    server: ServerConfig = ServerConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    keys: KeysConfig = KeysConfig()
+    audit: AuditConfig = AuditConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(min_length=1)
+
+    @field_validator("upstreams", "rate_limits")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"invalid name {name!r}: use letters, digits, '-', '_', '.'")
+        return v
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and where it came from (relative paths resolve against it)."""
+
+    config: GatewayConfig
+    path: Path | None
+
+    @property
+    def data_dir(self) -> Path:
+        d = Path(self.config.data_dir)
+        if not d.is_absolute() and self.path is not None:
+            d = self.path.parent / d
+        return d.resolve()
+
+
+class ConfigError(Exception):
+    """The config is invalid; `errors` lists ``path: message`` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _cross_check(cfg: GatewayConfig) -> list[str]:
+    errors: list[str] = []
+    names: dict[str, int] = {}
+    seen: dict[tuple[str | None, str, tuple[tuple[str, bool], ...]], int] = {}
+    for i, r in enumerate(cfg.routes):
+        at = f"routes[{i}]"
+        if r.name in names:
+            errors.append(f"{at}.name: duplicate route name {r.name!r} (also routes[{names[r.name]}])")
+        names.setdefault(r.name, i)
+        if r.upstream not in cfg.upstreams:
+            errors.append(f"{at}.upstream: unknown upstream {r.upstream!r}")
+        if r.rate_limit is not None and r.rate_limit not in cfg.rate_limits:
+            errors.append(f"{at}.rate_limit: unknown rate limit {r.rate_limit!r}")
+        segs = parse_template(r.path)
+        # Compare shapes: '/a/{x}' and '/a/{y}' are the same route.
+        shape = tuple((t if not p else "{}", p) for t, p in segs)
+        for m in r.methods:
+            key = (r.host, m, shape)
+            if key in seen:
+                errors.append(f"{at}: {m} {r.path} duplicates routes[{seen[key]}]")
+            seen.setdefault(key, i)
+        params = {t for t, p in segs if p}
+        if r.public:
+            if r.auth or r.scopes or r.roles or r.tenant_param:
+                errors.append(f"{at}: a public route cannot also require auth, scopes, roles or a tenant")
+        elif not r.auth:
+            errors.append(f"{at}: no auth requirement; add 'auth: [api_key]' or mark it 'public: true'")
+        if r.tenant_param is not None and r.tenant_param not in params:
+            errors.append(f"{at}.tenant_param: {r.tenant_param!r} is not a parameter of {r.path!r}")
+        if r.upstream_path is not None:
+            try:
+                up_params = {t for t, p in parse_template(r.upstream_path) if p}
+            except ValueError as exc:
+                errors.append(f"{at}.upstream_path: {exc}")
+            else:
+                if not up_params <= params:
+                    errors.append(f"{at}.upstream_path: uses parameters not in the path: "
+                                  f"{', '.join(sorted(up_params - params))}")
+    return errors
+
+
+def parse_config(text: str, path: Path | None = None) -> LoadedConfig:
+    """Validate a config document; raises `ConfigError` with every problem found."""
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"(file): larger than {MAX_CONFIG_BYTES} bytes"])
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(file)"
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(["(top level): expected a mapping of settings"])
+    try:
+        cfg = GatewayConfig.model_validate(doc)
+    except ValidationError as exc:
+        errors = []
+        for e in exc.errors(include_url=False):
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            errors.append(f"{_loc(e['loc'])}: {msg}")
+        raise ConfigError(errors) from None
+    errors = _cross_check(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return LoadedConfig(cfg, path)
+
+
+def load_config(path: Path) -> LoadedConfig:
+    """Read and validate a config file; `ConfigError` on any problem, including I/O."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read ({type(exc).__name__}: {exc.args[-1] if exc.args else ''})"]) from None
+    return parse_config(text, path.resolve())

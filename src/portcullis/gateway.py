@@ -1,0 +1,147 @@
+"""Builds a running gateway from a validated config: stores, stages, pipeline, app."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from portcullis.app import GatewayApp
+from portcullis.audit.keys import load_or_create_audit_key
+from portcullis.audit.sqlite import SqliteAuditStore
+from portcullis.audit.writer import AuditWriter
+from portcullis.config import LoadedConfig
+from portcullis.credentials.apikeys import KeyHasher
+from portcullis.netutil import TrustedProxies
+from portcullis.observe import Metrics, MetricsStage
+from portcullis.pipeline import CompletionStage, Pipeline, Stage
+from portcullis.stages.authenticate import AuthenticateStage, KeyCache
+from portcullis.stages.authorize import AuthorizeStage
+from portcullis.stages.limit import LimitStage
+from portcullis.stages.normalize import NormalizeStage
+from portcullis.stages.proxy import ProxyStage, Upstream
+from portcullis.stages.record import RecordStage
+from portcullis.stages.route import Router, RouteStage
+from portcullis.storage.sqlite_keys import SqliteKeyStore
+from portcullis.traffic.gcra import MemoryGcra
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where a gateway keeps its state, under its data directory."""
+
+    root: Path
+
+    @property
+    def keys_db(self) -> Path:
+        return self.root / "portcullis.db"
+
+    @property
+    def audit_db(self) -> Path:
+        return self.root / "audit.db"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def pepper(self) -> Path:
+        return self.secrets_dir / "key-pepper"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.secrets_dir / "audit-ed25519.pem"
+
+
+def load_or_create_pepper(path: Path) -> bytes:
+    """The server pepper for API key hashes: 32 random bytes, created once, mode 0600.
+
+    Losing it invalidates every API key (by design: the hashes are useless without it).
+    """
+    if path.exists():
+        data = path.read_bytes()
+        if len(data) < 32:
+            raise ValueError(f"{path}: the key pepper is shorter than 32 bytes")
+        return data
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return data
+
+
+def open_key_store(data_dir: Path) -> tuple[SqliteKeyStore, KeyHasher]:
+    paths = DataPaths(data_dir)
+    return SqliteKeyStore(paths.keys_db), KeyHasher(load_or_create_pepper(paths.pepper))
+
+
+def open_audit_store(data_dir: Path) -> SqliteAuditStore:
+    paths = DataPaths(data_dir)
+    key = load_or_create_audit_key(paths.audit_key)
+    return SqliteAuditStore(paths.audit_db, signing_key=key, verify_key=key.public_key())
+
+
+@dataclass
+class Gateway:
+    """Everything a served config needs, wired; `app` is the ASGI callable."""
+
+    app: GatewayApp
+    metrics: Metrics
+    writer: AuditWriter
+    keys: KeyCache
+    upstreams: dict[str, Upstream]
+
+
+def build_gateway(loaded: LoadedConfig) -> Gateway:
+    """Open the stores and assemble the pipeline in DESIGN.md's order."""
+    cfg = loaded.config
+    data_dir = loaded.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_store, hasher = open_key_store(data_dir)
+    audit_store = open_audit_store(data_dir)
+    metrics = Metrics()
+    writer = AuditWriter(audit_store, max_batch=cfg.audit.max_batch, max_backlog=cfg.audit.max_backlog)
+    keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds)
+    trusted = TrustedProxies(cfg.normalize.trusted_proxies)
+    upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
+    record = RecordStage(writer)
+    default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
+    stages: list[Stage] = [
+        record,  # admission: refuse when the audit log cannot keep up (fail closed)
+        NormalizeStage(cfg.normalize, trusted),
+        RouteStage(Router(list(cfg.routes))),
+        AuthenticateStage(keys, hasher),
+        AuthorizeStage(),
+        LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
+        ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes),
+    ]
+    completions: list[CompletionStage] = [record, MetricsStage(metrics)]
+    app = GatewayApp(Pipeline(stages, completions), cfg.normalize.request_id_header.lower().encode())
+    metrics.info.labels(version=_version()).set(1)
+
+    async def start() -> None:
+        for u in upstreams.values():
+            u.open()
+        keys.start()
+        writer.start()
+
+    async def stop() -> None:
+        await keys.stop()
+        for u in upstreams.values():
+            await u.close()
+        writer.close()
+        key_store.close()
+
+    app.startup_hooks.append(start)
+    app.shutdown_hooks.append(stop)
+    return Gateway(app, metrics, writer, keys, upstreams)
+
+
+def _version() -> str:
+    from portcullis import __version__
+
+    return __version__

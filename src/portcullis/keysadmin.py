@@ -1,0 +1,61 @@
+"""Key administration shared by the CLI and the demo: create and revoke, audited."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from portcullis.audit.events import AuditEvent
+from portcullis.credentials import apikeys
+from portcullis.gateway import open_audit_store, open_key_store
+from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec
+
+
+def _admin_event(data_dir: Path, action: str, key_id: str, tenant: str, extra: dict[str, object]) -> None:
+    """Append an admin event to the audit log (the store serializes writers)."""
+    store = open_audit_store(data_dir)
+    try:
+        store.append_batch([AuditEvent(
+            ts=time.time(), kind="admin", request_id=apikeys.generate_key_id(), decision="allow",
+            reason=action, subject="cli", tenant=tenant, credential_id=key_id, extra=dict(extra),
+        )])
+    finally:
+        store.close()
+
+
+def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], roles: list[str],
+               expires_at: float | None = None, rate_limit: tuple[int, float, int] | None = None,
+               ) -> tuple[ApiKeyRecord, str]:
+    """Create and store a key; returns the record and the key (shown once).
+
+    ValueError if the name is taken.
+    """
+    store, hasher = open_key_store(data_dir)
+    try:
+        kid, key = apikeys.generate()
+        rec = ApiKeyRecord(
+            key_id=kid, name=name, tenant=tenant, scopes=frozenset(scopes), roles=frozenset(roles),
+            key_hash=hasher.digest(key), created_at=time.time(), expires_at=expires_at,
+            rate_limit=RateLimitSpec(*rate_limit) if rate_limit else None,
+        )
+        try:
+            store.create(rec)
+        except KeyExistsError:
+            raise ValueError(f"a key named {name!r} already exists") from None
+    finally:
+        store.close()
+    _admin_event(data_dir, "admin.key_created", kid, tenant, {"name": name, "scopes": sorted(scopes)})
+    return rec, key
+
+
+def revoke_key(data_dir: Path, key_id: str) -> bool:
+    """Revoke at once; False if there is no such active key."""
+    store, _ = open_key_store(data_dir)
+    try:
+        rec = store.get(key_id)
+        ok = store.revoke(key_id, time.time())
+    finally:
+        store.close()
+    if ok and rec is not None:
+        _admin_event(data_dir, "admin.key_revoked", key_id, rec.tenant, {"name": rec.name})
+    return ok

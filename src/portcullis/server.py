@@ -1,0 +1,78 @@
+"""Runs a gateway under uvicorn (uvloop + httptools; see docs/architecture.md for why).
+
+SIGTERM or SIGINT: uvicorn stops accepting, lets in-flight requests finish within
+`server.shutdown_grace_seconds`, then the lifespan shutdown flushes the audit writer;
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import uvicorn
+from prometheus_client import start_http_server
+
+from portcullis.config import LoadedConfig
+from portcullis.gateway import Gateway, build_gateway
+
+log = logging.getLogger("portcullis.server")
+
+
+def _loop() -> str:
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+
+
+def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> uvicorn.Server:
+    """A uvicorn server for `gw`: our own proxy-header handling (never uvicorn's), no access log."""
+    srv = loaded.config.server
+    config = uvicorn.Config(
+        gw.app,
+        host=host or srv.listen.host,
+        port=srv.listen.port if port is None else port,
+        loop=_loop(),
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,  # X-Forwarded-For is honoured only via normalize's trusted proxies
+        server_header=False,
+        timeout_graceful_shutdown=int(srv.shutdown_grace_seconds),
+        timeout_keep_alive=srv.keep_alive_seconds,
+        ws="none",
+    )
+    return uvicorn.Server(config)
+
+
+def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:
+    """Serve /metrics on the separate loopback listener; returns a stop function."""
+    m = loaded.config.server.metrics
+    if m is None:
+        return lambda: None
+    gw.metrics.audit_backlog.set_function(lambda: gw.writer.backlog)
+    gw.metrics.audit_durable.set_function(lambda: gw.writer.durable_count)
+    httpd, thread = start_http_server(m.port, addr=m.host, registry=gw.metrics.registry)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    return stop
+
+
+def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT; the exit status for the CLI."""
+    gw = build_gateway(loaded)
+    stop_metrics = start_metrics(gw, loaded)
+    server = make_server(gw, loaded, host, port)
+    try:
+        server.run()
+    finally:
+        stop_metrics()
+    if not server.started:
+        log.error("the gateway did not start")
+        return 1
+    log.info("stopped cleanly")
+    return 0

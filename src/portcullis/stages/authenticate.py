@@ -1,0 +1,159 @@
+"""authenticate: credentials -> a `Principal` (DESIGN.md, request path step 4).
+
+This stage knows API keys, presented as ``Authorization: Bearer <key>`` (RFC 6750
+§2.1) or as ``X-API-Key: <key>``. Every failure is a 401 with a
+``WWW-Authenticate: Bearer`` challenge (RFC 6750 §3) and a precise audit reason; the
+client sees only that the credential is invalid, not why (no oracle for attackers),
+except for the expiry, which RFC 6750 §3.1 lets us state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+from portcullis.credentials import apikeys
+from portcullis.exchange import Exchange, Principal
+from portcullis.problems import Problem, bearer_challenge
+from portcullis.storage.protocols import ApiKeyRecord, KeyStore
+
+log = logging.getLogger("portcullis.keys")
+# A key is 51 characters; anything much longer is refused before any work.
+MAX_CREDENTIAL_LEN = 512
+
+
+class KeyCache:
+    """All key records in memory, refreshed when the store's revision changes.
+
+    The poller asks the store for one integer every `interval` seconds, so a key
+    revoked by `portcullis keys revoke` (another process) is refused within that
+    interval. If the store cannot be read, the cache keeps its last state and logs:
+    keys that were revoked before the outage stay revoked (fail closed on them).
+    """
+
+    def __init__(self, store: KeyStore, interval: float = 0.25) -> None:
+        self._store = store
+        self._interval = interval
+        self._records: dict[str, ApiKeyRecord] = {}
+        self._revision = -1
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        rev = self._store.revision()
+        self._records = {r.key_id: r for r in self._store.list()}
+        self._revision = rev
+
+    def get(self, key_id: str) -> ApiKeyRecord | None:
+        return self._records.get(key_id)
+
+    async def refresh_if_changed(self) -> bool:
+        rev = await asyncio.to_thread(self._store.revision)
+        if rev == self._revision:
+            return False
+        await asyncio.to_thread(self.load)
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh_if_changed()
+            except Exception as exc:  # the loop must survive a store outage
+                log.warning("key store poll failed: %s", type(exc).__name__)
+
+    def start(self) -> None:
+        self.load()
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _invalid(reason: str, detail: str = "The credential is not valid.") -> Problem:
+    return Problem(401, "invalid-credential", reason, detail,
+                   headers=[bearer_challenge("invalid_token", detail.rstrip("."))])
+
+
+class AuthenticateStage:
+    """Turns an API key into a Principal; public routes pass through untouched."""
+
+    name: ClassVar[str] = "authenticate"
+
+    def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._keys = keys
+        self._hasher = hasher
+        self._clock = clock
+
+    @staticmethod
+    def _presented(ex: Exchange) -> bytes | Problem | None:
+        auth: list[bytes] = []
+        xkey: list[bytes] = []
+        for k, v in ex.headers:
+            if k == b"authorization":
+                auth.append(v)
+            elif k == b"x-api-key":
+                xkey.append(v)
+        if len(auth) > 1 or len(xkey) > 1 or (auth and xkey):
+            # RFC 6750 §3.1 invalid_request: more than one credential is ambiguous.
+            return Problem(400, "bad-request", "auth.multiple_credentials",
+                           "Present exactly one credential.",
+                           headers=[bearer_challenge("invalid_request")])
+        if xkey:
+            return xkey[0].strip()
+        if auth:
+            scheme, _, token = auth[0].strip().partition(b" ")
+            if scheme.lower() != b"bearer":
+                return Problem(401, "unauthenticated", "auth.unsupported_scheme",
+                               "Use the Bearer scheme.", headers=[bearer_challenge()])
+            return token.strip()
+        return None
+
+    async def on_request(self, ex: Exchange) -> Problem | None:
+        route = ex.route
+        if route is None or route.config.public:
+            return None
+        presented = self._presented(ex)
+        if isinstance(presented, Problem):
+            return presented
+        if not presented:
+            return Problem(401, "unauthenticated", "auth.missing", "This route requires a credential.",
+                           headers=[bearer_challenge()])
+        if len(presented) > MAX_CREDENTIAL_LEN:
+            return _invalid("auth.credential_too_long")
+        try:
+            token = presented.decode("ascii")
+        except UnicodeDecodeError:
+            return _invalid(apikeys.KeyFormatError.MALFORMED.value)
+        parsed = apikeys.parse(token)
+        if isinstance(parsed, apikeys.KeyFormatError):
+            return _invalid(parsed.value)
+        record = self._keys.get(parsed)
+        if record is None:
+            self._hasher.digest(token)  # same work as a known key: no timing oracle on ids
+            return _invalid("auth.key_unknown")
+        if not self._hasher.matches(token, record.key_hash):
+            return _invalid("auth.key_mismatch")
+        ex.facts["credential_id"] = record.key_id
+        if record.revoked_at is not None:
+            return _invalid("auth.key_revoked")
+        if record.expires_at is not None and self._clock() >= record.expires_at:
+            return _invalid("auth.key_expired", "The credential has expired.")
+        rl = record.rate_limit
+        ex.principal = Principal(
+            subject=f"key:{record.name}",
+            tenant=record.tenant,
+            credential_id=record.key_id,
+            credential_kind="api_key",
+            scopes=record.scopes,
+            roles=record.roles,
+            rate_limit=(rl.requests, rl.per_seconds, rl.burst) if rl else None,
+        )
+        return None

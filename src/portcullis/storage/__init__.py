@@ -1,0 +1,1 @@
+"""Storage protocols and their backends. Backends import only the protocols."""

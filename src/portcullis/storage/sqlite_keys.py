@@ -1,0 +1,134 @@
+"""The API key store on SQLite (SQLAlchemy 2 Core, so PostgreSQL can follow)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec
+
+_meta = sa.MetaData()
+api_keys = sa.Table(
+    "api_keys",
+    _meta,
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(200), nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+    sa.Column("rate_limit", sa.Text, nullable=True),
+)
+revision_table = sa.Table(
+    "store_revision",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.Integer, nullable=False),
+)
+
+
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+class SqliteKeyStore:
+    """`KeyStore` on one SQLite file; safe to use from several processes."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        self._engine = sa.create_engine(f"sqlite:///{path}", future=True)
+        sa.event.listen(self._engine, "connect", _on_connect)
+        _meta.create_all(self._engine)
+        if new:
+            os.chmod(path, 0o600)
+        with self._engine.begin() as conn:
+            if conn.execute(sa.select(revision_table.c.revision)).first() is None:
+                conn.execute(revision_table.insert().values(id=1, revision=0))
+
+    @staticmethod
+    def _row(row: sa.Row[Any]) -> ApiKeyRecord:
+        rl = json.loads(row.rate_limit) if row.rate_limit else None
+        return ApiKeyRecord(
+            key_id=row.key_id,
+            name=row.name,
+            tenant=row.tenant,
+            scopes=frozenset(json.loads(row.scopes)),
+            roles=frozenset(json.loads(row.roles)),
+            key_hash=row.key_hash,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            revoked_at=row.revoked_at,
+            rate_limit=RateLimitSpec(rl["requests"], rl["per_seconds"], rl["burst"]) if rl else None,
+        )
+
+    @staticmethod
+    def _bump(conn: sa.Connection) -> None:
+        conn.execute(revision_table.update().values(revision=revision_table.c.revision + 1))
+
+    def create(self, record: ApiKeyRecord) -> None:
+        rl = record.rate_limit
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    api_keys.insert().values(
+                        key_id=record.key_id,
+                        name=record.name,
+                        tenant=record.tenant,
+                        scopes=json.dumps(sorted(record.scopes)),
+                        roles=json.dumps(sorted(record.roles)),
+                        key_hash=record.key_hash,
+                        created_at=record.created_at,
+                        expires_at=record.expires_at,
+                        revoked_at=record.revoked_at,
+                        rate_limit=json.dumps(
+                            {"requests": rl.requests, "per_seconds": rl.per_seconds, "burst": rl.burst}
+                        )
+                        if rl
+                        else None,
+                    )
+                )
+                self._bump(conn)
+        except IntegrityError as exc:
+            raise KeyExistsError(f"a key with id {record.key_id!r} or name {record.name!r} exists") from exc
+
+    def get(self, key_id: str) -> ApiKeyRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)).first()
+        return self._row(row) if row else None
+
+    def list(self) -> list[ApiKeyRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at)).all()
+        return [self._row(r) for r in rows]
+
+    def revoke(self, key_id: str, at: float) -> bool:
+        with self._engine.begin() as conn:
+            res = conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=at)
+            )
+            if res.rowcount != 1:
+                return False
+            self._bump(conn)
+        return True
+
+    def revision(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(revision_table.c.revision)).scalar_one())
+
+    def close(self) -> None:
+        self._engine.dispose()

@@ -1,0 +1,1 @@
+"""Traffic control: rate limits (algorithms apart from storage)."""
