@@ -154,6 +154,22 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
     return errors
 
 
+def _raw_references(doc: dict[str, Any]) -> list[str]:
+    """Unknown upstream / rate-limit names in a document that failed validation."""
+    ups, limits, routes = doc.get("upstreams"), doc.get("rate_limits") or {}, doc.get("routes")
+    if not isinstance(ups, dict) or not isinstance(limits, dict) or not isinstance(routes, list):
+        return []
+    errors = []
+    for i, r in enumerate(routes):
+        if not isinstance(r, dict):
+            continue
+        if isinstance(r.get("upstream"), str) and r["upstream"] not in ups:
+            errors.append(f"routes[{i}].upstream: unknown upstream {r['upstream']!r}")
+        if isinstance(r.get("rate_limit"), str) and r["rate_limit"] not in limits:
+            errors.append(f"routes[{i}].rate_limit: unknown rate limit {r['rate_limit']!r}")
+    return errors
+
+
 def parse_config(text: str, path: Path | None = None) -> LoadedConfig:
     """Validate a config document; raises `ConfigError` with every problem found."""
     if len(text.encode()) > MAX_CONFIG_BYTES:
@@ -177,6 +193,9 @@ def parse_config(text: str, path: Path | None = None) -> LoadedConfig:
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             errors.append(f"{_loc(e['loc'])}: {msg}")
+        # Name references are checked on the raw document too, so one run of
+        # `portcullis check` reports every problem rather than one layer at a time.
+        errors += [e for e in _raw_references(doc) if e not in errors]
         raise ConfigError(errors) from None
     errors = _cross_check(cfg)
     if errors:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
+import threading
 from collections.abc import Callable
 
 import uvicorn
@@ -67,6 +69,13 @@ def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None
     gw = build_gateway(loaded)
     stop_metrics = start_metrics(gw, loaded)
     server = make_server(gw, loaded, host, port)
+    received: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn captures SIGTERM/SIGINT for its graceful shutdown and, once done,
+        # re-raises them to the handlers it found. These record the signal instead of
+        # killing the process, so a clean shutdown exits 0 as operators expect.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: received.append(signum))
     try:
         server.run()
     finally:

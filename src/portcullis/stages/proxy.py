@@ -36,6 +36,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"forwarded", b"x-request-id", b"x-real-ip",
 }
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
+# Response fields not passed back: hop-by-hop ones, `date` (the gateway's server sets its
+# own; two would be invalid) and fields that only tell an attacker what runs upstream.
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-powered-by"}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Bodies up to this size are read whole before forwarding, which makes them replayable
 # for retries; larger or chunked bodies are streamed.
@@ -249,9 +252,10 @@ class ProxyStage:
         if declared is not None and declared > up.cfg.max_response_bytes:
             resp.close()
             return Problem(502, "bad-gateway", "upstream.response_too_large", "The upstream answer was too large.")
-        out_headers: Headers = [
-            (k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP
-        ]
+        raw = [(k.lower(), v) for k, v in resp.raw_headers]
+        # RFC 9110 §7.6.1: fields named in the upstream's Connection header are hop-by-hop too.
+        named = {t.strip() for k, v in raw if k == b"connection" for t in v.lower().split(b",")}
+        out_headers: Headers = [(k, v) for k, v in raw if k not in _RESPONSE_DROP and k not in named]
         ex.upstream = UpstreamResponse(
             status=resp.status,
             headers=out_headers,
