@@ -87,7 +87,8 @@ class GatewayApp:
                     break
         except Exception as exc:
             log.error("stage failed: %s (request %s)", type(exc).__name__, ex.request_id)
-            problem = Problem(500, "internal-error", "internal.stage_error", "The gateway failed to handle this request.")
+            problem = Problem(500, "internal-error", "internal.stage_error",
+                              "The gateway failed to handle this request.")
         try:
             if problem is not None:
                 await self._send_problem(ex, problem, send)

@@ -266,7 +266,9 @@ def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 def demo(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Gateway port on 127.0.0.1.")] = 8080,
     data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its state.")] = Path(".portcullis-demo"),
-    credentials_out: Annotated[Path | None, typer.Option(help="Credentials file (default DATA_DIR/credentials.json).")] = None,
+    credentials_out: Annotated[
+        Path | None, typer.Option(help="Credentials file (default DATA_DIR/credentials.json).")
+    ] = None,
     reset: Annotated[bool, typer.Option(help="Start over: delete the demo's data directory first.")] = False,
     upstream: Annotated[str | None, typer.Option(help="Send the demo routes to this upstream instead.")] = None,
 ) -> None:
@@ -286,7 +288,7 @@ def demo(
         upstream_url = upstream
     try:
         try:
-            loaded, creds, creds_path = prepare(data_dir, port, upstream_url, credentials_out, reset)
+            loaded, creds, creds_path = prepare(data_dir, port, upstream_url, credentials_out, reset=reset)
         except (DemoError, ValueError) as exc:
             raise fail(str(exc)) from None
         typer.echo(quickstart(creds, creds_path, loaded.data_dir))

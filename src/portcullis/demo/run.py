@@ -73,7 +73,7 @@ def demo_config(upstream_url: str, port: int, metrics_port: int) -> dict[str, An
     }
 
 
-def prepare(data_dir: Path, port: int, upstream_url: str, credentials_out: Path | None,
+def prepare(data_dir: Path, port: int, upstream_url: str, credentials_out: Path | None, *,
             reset: bool, metrics_port: int | None = None) -> tuple[LoadedConfig, dict[str, Any], Path]:
     """Create or reuse the demo's data directory; returns config, credentials and their path."""
     data_dir = data_dir.resolve()

@@ -30,10 +30,9 @@ class AuthorizeStage:
         if p is None:  # fail closed: authenticate must have produced a principal
             return Problem(401, "unauthenticated", "authz.no_principal", "This route requires a credential.",
                            headers=[bearer_challenge()])
-        if cfg.tenant_param is not None:
-            if ex.path_params.get(cfg.tenant_param) != p.tenant:
-                return Problem(403, "tenant-mismatch", "authz.tenant_mismatch",
-                               "The credential does not belong to this tenant.")
+        if cfg.tenant_param is not None and ex.path_params.get(cfg.tenant_param) != p.tenant:
+            return Problem(403, "tenant-mismatch", "authz.tenant_mismatch",
+                           "The credential does not belong to this tenant.")
         missing = [s for s in cfg.scopes if s not in p.scopes]
         if missing:
             need = " ".join(cfg.scopes)

@@ -9,7 +9,6 @@ that reveal nothing about the upstream.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import ClassVar
@@ -200,7 +199,7 @@ class ProxyStage:
         target = up.base + path + ("?" + ex.query.decode("ascii") if ex.query else "")
         url = URL(target, encoded=True)
         cl = ex.header(b"content-length")
-        has_body = cl is not None and cl != b"0" or ex.header(b"transfer-encoding") is not None
+        has_body = (cl is not None and cl != b"0") or ex.header(b"transfer-encoding") is not None
         data: bytes | AsyncIterator[bytes] | None = None
         try:
             if has_body:
@@ -275,7 +274,7 @@ async def _body(resp: aiohttp.ClientResponse, limit: int, ex: Exchange) -> Async
                 resp.close()
                 raise BodyTooLargeError
             yield chunk
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (aiohttp.ClientError, TimeoutError):
         ex.facts["upstream_body_error"] = True
         resp.close()
         raise

@@ -47,9 +47,7 @@ class MemoryGcra:
         """Admit or refuse one request of `cost` for `key` at monotonic time `now`."""
         interval = spec.per_seconds / spec.requests
         tolerance = interval * spec.burst
-        tat = self._tat.get(key, now)
-        if tat < now:
-            tat = now
+        tat = max(self._tat.get(key, now), now)
         new_tat = tat + interval * cost
         if new_tat - now > tolerance + _EPSILON:
             # Refused: state unchanged. Retry when enough of the bucket has drained.
