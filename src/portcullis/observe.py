@@ -2,15 +2,56 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import ClassVar
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from portcullis.exchange import Exchange
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestCounters(Collector):
+    """Per-request counts kept in plain dicts, turned into Prometheus families at scrape.
+
+    The request path only increments integers on the event loop (no locks, unlike
+    prometheus_client's Counter and Histogram, which cost microseconds per call); the
+    scrape thread copies the dicts (an atomic operation under the GIL) and renders them.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.denials: dict[str, int] = {}
+        # route -> [bucket counts..., +Inf count], and route -> sum of seconds
+        self.latency: dict[str, list[int]] = {}
+        self.latency_sum: dict[str, float] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        req = CounterMetricFamily("portcullis_requests", "Requests by route, status class and decision",
+                                  labels=["route", "status", "decision"])
+        for labels, n in self.requests.copy().items():
+            req.add_metric(list(labels), n)
+        den = CounterMetricFamily("portcullis_denials", "Refusals by reason code", labels=["reason"])
+        for reason, n in self.denials.copy().items():
+            den.add_metric([reason], n)
+        lat = HistogramMetricFamily("portcullis_request_seconds", "Time in the gateway, end to end",
+                                    labels=["route"])
+        sums = self.latency_sum.copy()
+        for route, live in self.latency.copy().items():
+            cumulative, buckets = 0, []
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), list(live), strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            lat.add_metric([route], buckets, sums.get(route, 0.0))
+        return [req, den, lat]
 
 
 class Metrics:
@@ -18,14 +59,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("portcullis_requests", "Requests by route, status class and decision",
-                                ["route", "status", "decision"], registry=self.registry)
-        self.denials = Counter("portcullis_denials", "Refusals by reason code", ["reason"],
-                               registry=self.registry)
-        self.latency = Histogram("portcullis_request_seconds", "Time in the gateway, end to end",
-                                 ["route"], registry=self.registry,
-                                 buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                          0.5, 1.0, 2.5, 5.0, 10.0))
+        self.counters = RequestCounters()
+        self.registry.register(self.counters)
         self.audit_backlog = Gauge("portcullis_audit_backlog", "Audit events not yet durable",
                                    registry=self.registry)
         self.audit_durable = Gauge("portcullis_audit_durable_events", "Audit events made durable",
@@ -39,19 +74,21 @@ class MetricsStage:
     name: ClassVar[str] = "metrics"
 
     def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-        self._children: dict[tuple[str, str, str], Counter] = {}
+        self._c = metrics.counters
 
     def on_complete(self, ex: Exchange) -> None:
+        c = self._c
         route = ex.route.name if ex.route else "-"
         key = (route, f"{ex.status // 100}xx", ex.decision)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._m.requests.labels(*key)
-        child.inc()
+        c.requests[key] = c.requests.get(key, 0) + 1
         if ex.decision != "allow":
-            self._m.denials.labels(ex.reason).inc()
-        self._m.latency.labels(route).observe(time.perf_counter() - ex.started)
+            c.denials[ex.reason] = c.denials.get(ex.reason, 0) + 1
+        elapsed = time.perf_counter() - ex.started
+        counts = c.latency.get(route)
+        if counts is None:
+            counts = c.latency[route] = [0] * (len(LATENCY_BUCKETS) + 1)
+        counts[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        c.latency_sum[route] = c.latency_sum.get(route, 0.0) + elapsed
 
 
 def configure_logging(level: str = "info", json_logs: bool = True) -> None:

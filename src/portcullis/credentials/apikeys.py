@@ -13,8 +13,8 @@ Regex: ``\\bpcl_[0-9A-Za-z]{8}_[0-9A-Za-z]{38}\\b``.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import re
 import secrets
 import zlib
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ CHECKSUM_LEN = 6
 KEY_LEN = len(PREFIX) + ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN  # 51
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ALPHABET_SET = frozenset(ALPHABET)
+_SHAPE = re.compile(r"pcl_[0-9A-Za-z]{8}_[0-9A-Za-z]{38}")
 
 
 class KeyFormatError(Enum):
@@ -70,14 +71,9 @@ def parse(presented: str) -> str | KeyFormatError:
 
     Bounded: anything longer than a key is refused before any other work.
     """
-    if len(presented) != KEY_LEN or not presented.startswith(PREFIX):
+    if len(presented) != KEY_LEN or not _SHAPE.fullmatch(presented):
         return KeyFormatError.MALFORMED
     kid = presented[4 : 4 + ID_LEN]
-    if presented[4 + ID_LEN] != "_":
-        return KeyFormatError.MALFORMED
-    rest = presented[5 + ID_LEN :]
-    if not (set(kid) <= _ALPHABET_SET and set(rest) <= _ALPHABET_SET):
-        return KeyFormatError.MALFORMED
     body = presented[: -CHECKSUM_LEN]
     if not hmac.compare_digest(checksum(body), presented[-CHECKSUM_LEN:]):
         return KeyFormatError.CHECKSUM
@@ -95,7 +91,8 @@ class KeyHasher:
             raise ValueError("the key pepper must be at least 32 bytes")
 
     def digest(self, full_key: str) -> str:
-        return hmac.new(self.pepper, full_key.encode("ascii", "replace"), hashlib.sha256).hexdigest()
+        # hmac.digest: the one-shot form runs in OpenSSL, several times faster than hmac.new.
+        return hmac.digest(self.pepper, full_key.encode("ascii", "replace"), "sha256").hex()
 
     def matches(self, full_key: str, stored_hex: str) -> bool:
         """Constant-time comparison of a presented key against a stored hash."""

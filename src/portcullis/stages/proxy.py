@@ -1,6 +1,6 @@
 """proxy: forward to the upstream (DESIGN.md, request path step 8).
 
-Pooled keep-alive connections (aiohttp), connect/read/total timeouts, bodies streamed
+Pooled keep-alive connections (`portcullis.upstream_client`), connect/read/total timeouts, bodies streamed
 with size bounds, retries only for idempotent methods (RFC 9110 §9.2.2) and only when
 the request body could be replayed, hop-by-hop headers removed (RFC 9110 §7.6.1),
 ``X-Forwarded-For/Proto/Host`` set, and upstream failures mapped to 502/504 problems
@@ -10,17 +10,25 @@ that reveal nothing about the upstream.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from yarl import URL
 
 from portcullis.exchange import Exchange, Headers, UpstreamResponse
 from portcullis.netutil import TrustedProxies
 from portcullis.problems import Problem
+from portcullis.upstream_client import (
+    ConnectError,
+    Pool,
+    PoolConfig,
+    Response,
+    StaleConnectionError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 
 log = logging.getLogger("portcullis.proxy")
 
@@ -63,11 +71,17 @@ class UpstreamConfig(BaseModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        u = URL(v)
-        if u.scheme not in ("http", "https") or not u.host:
+        try:
+            u = urlsplit(v)
+            port = u.port
+        except ValueError:
+            raise ValueError("must be an absolute http:// or https:// URL with a valid port") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
-        if u.query_string or u.fragment or u.user or u.password:
+        if u.query or u.fragment or u.username or u.password:
             raise ValueError("must not carry a query, fragment or credentials")
+        if port == 0:
+            raise ValueError("port 0 is not a valid upstream port")
         return v.rstrip("/")
 
 
@@ -80,32 +94,30 @@ class ClientDisconnectedError(Exception):
 
 
 class Upstream:
-    """A pooled client for one upstream. Created inside the running event loop."""
+    """A pooled client for one upstream. `open()` runs inside the event loop."""
 
     def __init__(self, name: str, cfg: UpstreamConfig) -> None:
         self.name = name
         self.cfg = cfg
-        self.base = cfg.url
-        self.host_header = URL(cfg.url).raw_authority
-        self.session: aiohttp.ClientSession | None = None
-        self.timeout = aiohttp.ClientTimeout(
-            total=cfg.total_timeout, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+        u = urlsplit(cfg.url)
+        assert u.hostname is not None  # validated by UpstreamConfig
+        self.base_path = u.path.encode()
+        default_port = 443 if u.scheme == "https" else 80
+        self.host_header = (u.netloc.rsplit("@", 1)[-1]).encode()
+        self.pool_config = PoolConfig(
+            host=u.hostname, port=u.port or default_port,
+            tls=ssl.create_default_context() if u.scheme == "https" else None,
+            max_connections=cfg.pool_size, keepalive_seconds=cfg.keepalive_seconds,
+            connect_timeout=cfg.connect_timeout,
         )
+        self.pool: Pool | None = None
 
     def open(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.pool_size, limit_per_host=self.cfg.pool_size,
-            keepalive_timeout=self.cfg.keepalive_seconds, ttl_dns_cache=300,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, timeout=self.timeout,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self.pool = Pool(self.pool_config)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
 
 class ProxyStage:
@@ -118,35 +130,33 @@ class ProxyStage:
         self._trusted = trusted
         self._max_body = max_body_bytes
 
-    def _forward_headers(self, ex: Exchange, up: Upstream, strip_credentials: bool) -> list[tuple[str, str]]:
-        peer = ex.facts.get("peer", ex.client_ip)
+    def _forward_headers(self, ex: Exchange, up: Upstream, strip_credentials: bool) -> Headers:
+        peer: str = ex.facts.get("peer", ex.client_ip)
         trusted_peer = self._trusted.is_trusted(peer)
         connection_named: set[bytes] = set()
-        xff: list[str] = []
-        proto: str | None = None
+        xff: list[bytes] = []
+        proto: bytes | None = None
         for k, v in ex.headers:
             if k == b"connection":
                 connection_named.update(t.strip().lower() for t in v.split(b","))
             elif k == b"x-forwarded-for" and trusted_peer:
-                xff.append(v.decode("latin-1"))
+                xff.append(v)
             elif k == b"x-forwarded-proto" and trusted_peer and proto is None:
-                proto = v.decode("latin-1")
-        out: list[tuple[str, str]] = []
+                proto = v
+        out: Headers = []
         for k, v in ex.headers:
             if k in _REQUEST_DROP or k in connection_named or k.startswith(b"x-portcullis-"):
                 continue
             if strip_credentials and k in _CREDENTIAL_HEADERS:
                 continue
-            out.append((k.decode("latin-1"), v.decode("latin-1")))
-        xff.append(peer)
-        out.append(("X-Forwarded-For", ", ".join(xff)))
-        out.append(("X-Forwarded-Proto", proto or ex.scope.get("scheme", "http")))
+            out.append((k, v))
+        xff.append(peer.encode())
+        out.append((b"x-forwarded-for", b", ".join(xff)))
+        out.append((b"x-forwarded-proto", proto or ex.scope.get("scheme", "http").encode()))
         if ex.host:
-            out.append(("X-Forwarded-Host", ex.host))
-        out.append(("X-Request-Id", ex.request_id))
-        out.append(("Host", ex.host if up.cfg.preserve_host and ex.host else up.host_header))
-        if (ct := ex.header(b"content-type")) is not None and not any(h[0] == "content-type" for h in out):
-            out.append(("Content-Type", ct.decode("latin-1")))
+            out.append((b"x-forwarded-host", ex.host.encode()))
+        out.append((b"x-request-id", ex.request_id.encode()))
+        out.append((b"host", ex.host.encode() if up.cfg.preserve_host and ex.host else up.host_header))
         return out
 
     async def _read_whole(self, ex: Exchange) -> bytes:
@@ -189,94 +199,89 @@ class ProxyStage:
         assert route is not None  # the route stage runs first
         cfg = route.config
         up = self._upstreams[cfg.upstream]
-        session = up.session
-        assert session is not None  # opened at start-up
-        strip = not cfg.public and not up.cfg.forward_credentials
-        headers = self._forward_headers(ex, up, strip)
-        path = ex.raw_path.decode("ascii")
+        pool = up.pool
+        assert pool is not None  # opened at start-up
+        headers = self._forward_headers(ex, up, not cfg.public and not up.cfg.forward_credentials)
+        path = ex.raw_path
         if cfg.upstream_path is not None:
-            path = _rewrite(cfg.upstream_path, ex.path_params)
-        target = up.base + path + ("?" + ex.query.decode("ascii") if ex.query else "")
-        url = URL(target, encoded=True)
+            path = _rewrite(cfg.upstream_path, ex.path_params).encode()
+        target = up.base_path + path + (b"?" + ex.query if ex.query else b"")
         cl = ex.header(b"content-length")
-        has_body = (cl is not None and cl != b"0") or ex.header(b"transfer-encoding") is not None
-        data: bytes | AsyncIterator[bytes] | None = None
+        chunked = ex.header(b"transfer-encoding") is not None
+        body: bytes | AsyncIterator[bytes] | None = None
+        declared: int | None = None
         try:
-            if has_body:
-                if cl is not None and int(cl) <= BUFFER_LIMIT:
-                    data = await self._read_whole(ex)
+            if chunked or (cl is not None and cl != b"0"):
+                declared = int(cl) if cl is not None else None
+                if declared is not None and declared <= BUFFER_LIMIT:
+                    body = await self._read_whole(ex)  # small: read whole, replayable
                 else:
-                    data = self._stream(ex)
-                    if cl is not None:
-                        headers.append(("Content-Length", cl.decode("ascii")))
+                    body = self._stream(ex)
         except BodyTooLargeError:
-            return Problem(413, "payload-too-large", "request.body_too_large", "The request body is too large.")
+            return _too_large()
         except ClientDisconnectedError:
-            return Problem(400, "bad-request", "client.disconnected", "The client went away.")
-        replayable = not isinstance(data, AsyncIterator)
+            return _gone()
+        replayable = not isinstance(body, AsyncIterator)
         attempts = 1 + (up.cfg.retries if ex.method in IDEMPOTENT and replayable else 0)
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout_seconds) if cfg.timeout_seconds else None
+        total = cfg.timeout_seconds or up.cfg.total_timeout
+        resp: Response | None = None
         for attempt in range(attempts):
             try:
-                resp = await session.request(
-                    ex.method, url, headers=headers, data=data, allow_redirects=False,
-                    timeout=timeout or up.timeout, compress=None,
-                )
+                resp = await pool.request(ex.method, target, headers, body, read_timeout=up.cfg.read_timeout,
+                                          total_timeout=total,
+                                          content_length=None if replayable else declared)
                 break
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                if ex.facts.get("body_too_large"):
-                    return Problem(413, "payload-too-large", "request.body_too_large",
-                                   "The request body is too large.")
+            except (ConnectError, StaleConnectionError) as exc:
                 if attempt + 1 < attempts:
                     ex.facts["retries"] = attempt + 1
                     continue
-                log.warning("upstream %s unreachable: %s", up.name, type(exc).__name__)
+                log.warning("upstream %s unreachable: %s", up.name, exc)
                 return Problem(502, "bad-gateway", "upstream.unreachable", "The upstream service is unavailable.")
-            except TimeoutError:
+            except UpstreamTimeoutError:
                 return Problem(504, "gateway-timeout", "upstream.timeout", "The upstream service timed out.")
-            except aiohttp.ClientError as exc:
-                if ex.facts.get("body_too_large"):
-                    return Problem(413, "payload-too-large", "request.body_too_large",
-                                   "The request body is too large.")
-                if ex.facts.get("client_disconnected"):
-                    return Problem(400, "bad-request", "client.disconnected", "The client went away.")
-                log.warning("upstream %s error: %s", up.name, type(exc).__name__)
+            except BodyTooLargeError:
+                return _too_large()
+            except ClientDisconnectedError:
+                return _gone()
+            except UpstreamError as exc:
+                log.warning("upstream %s error: %s", up.name, exc)
                 return Problem(502, "bad-gateway", "upstream.protocol_error", "The upstream service failed.")
-            except (BodyTooLargeError, ClientDisconnectedError) as exc:
-                if isinstance(exc, BodyTooLargeError):
-                    return Problem(413, "payload-too-large", "request.body_too_large",
-                                   "The request body is too large.")
-                return Problem(400, "bad-request", "client.disconnected", "The client went away.")
-        declared = resp.content_length
-        if declared is not None and declared > up.cfg.max_response_bytes:
-            resp.close()
+        assert resp is not None
+        length = resp.content_length
+        if length is not None and length > up.cfg.max_response_bytes:
+            resp.release()
             return Problem(502, "bad-gateway", "upstream.response_too_large", "The upstream answer was too large.")
-        raw = [(k.lower(), v) for k, v in resp.raw_headers]
+        raw = resp.headers
         # RFC 9110 §7.6.1: fields named in the upstream's Connection header are hop-by-hop too.
         named = {t.strip() for k, v in raw if k == b"connection" for t in v.lower().split(b",")}
-        out_headers: Headers = [(k, v) for k, v in raw if k not in _RESPONSE_DROP and k not in named]
         ex.upstream = UpstreamResponse(
             status=resp.status,
-            headers=out_headers,
+            headers=[(k, v) for k, v in raw if k not in _RESPONSE_DROP and k not in named],
             body=None if ex.method == "HEAD" else _body(resp, up.cfg.max_response_bytes, ex),
             release=resp.release,
         )
         return None
 
 
-async def _body(resp: aiohttp.ClientResponse, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
+def _too_large() -> Problem:
+    return Problem(413, "payload-too-large", "request.body_too_large", "The request body is too large.")
+
+
+def _gone() -> Problem:
+    return Problem(400, "bad-request", "client.disconnected", "The client went away.")
+
+
+async def _body(resp: Response, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
     total = 0
     try:
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp.body():
             total += len(chunk)
             if total > limit:
                 ex.facts["response_too_large"] = True
-                resp.close()
                 raise BodyTooLargeError
             yield chunk
-    except (aiohttp.ClientError, TimeoutError):
+    except UpstreamError:
         ex.facts["upstream_body_error"] = True
-        resp.close()
         raise
 
 
