@@ -196,3 +196,16 @@ def test_normalized_event_survives_json_round_trip(ts: float, latency: float, te
     copy = dataclasses.replace(ev, extra=json.loads(json.dumps(ev.extra)),
                                ts=float(repr(ev.ts)), latency_ms=float(repr(ev.latency_ms)))
     assert chain_hash(GENESIS_HASH, copy) == before
+
+
+@given(st.text(), st.text(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+       st.floats(allow_nan=False, allow_infinity=False),
+       st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(), st.booleans(), st.none())))
+def test_fast_canonical_encoding_equals_json_dumps(path: str, agent: str, status: int, latency: float,
+                                                   extra: dict[str, object]) -> None:
+    """The hand-built encoding is exactly json.dumps(sort_keys=True) of the fields."""
+    ev = AuditEvent(ts=1.5, kind="request", request_id="r", decision="allow", reason="ok", path=path,
+                    user_agent=agent, status=status, latency_ms=latency, extra=dict(extra))
+    expected = json.dumps({f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name != "hash"},
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    assert canonical_bytes(ev) == expected

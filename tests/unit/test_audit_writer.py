@@ -43,10 +43,10 @@ class DelegatingStore:
         self.inner = inner
         self.calls = 0
 
-    def append_batch(self, events: list[AuditEvent]) -> list[AuditEvent]:
+    def append_batch(self, events: list[AuditEvent], *, assume_normalized: bool = False) -> list[AuditEvent]:
         self.calls += 1
         self.before_append(events)
-        return self.inner.append_batch(events)
+        return self.inner.append_batch(events, assume_normalized=assume_normalized)
 
     def before_append(self, events: list[AuditEvent]) -> None:
         pass

@@ -58,8 +58,11 @@ class AuditStore(Protocol):
     same log; the backend must keep one linear chain across all of them.
     """
 
-    def append_batch(self, events: list[AuditEvent]) -> list[AuditEvent]:
+    def append_batch(self, events: list[AuditEvent], *, assume_normalized: bool = False) -> list[AuditEvent]:
         """Chain and durably store `events`, in order; returns the same objects.
+
+        `assume_normalized` lets a caller that has already normalized every event
+        (the `AuditWriter` does so in `submit`) skip the repeat.
 
         In ONE write transaction: normalize the events
         (`portcullis.audit.chain.normalize_event`), read the current head (last seq and
