@@ -47,6 +47,7 @@ class GatewayApp:
         self._response_stages = pipeline.response_stages
         self._completions = pipeline.completions
         self._rid_header = request_id_header
+        self.request_id_header = request_id_header
         self._new_id = RequestIds()
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
@@ -113,6 +114,26 @@ class GatewayApp:
                 except Exception as exc:  # a completion must never break the others
                     log.error("completion failed: %s", type(exc).__name__)
 
+    def refuse_malformed(self, peer: str) -> tuple[str, bytes]:
+        """Record a request the HTTP parser refused before the app saw it (smuggling
+        framings, bad methods, broken syntax); returns the request id and problem body.
+
+        Runs the completion stages (audit, metrics) on a minimal exchange so every
+        denial is audited, as DESIGN.md requires, not just those the stages make.
+        """
+        ex = Exchange(scope={"type": "http"}, receive=_no_body, method="", raw_path=b"", query=b"",
+                      headers=[], request_id=self._new_id(), client_ip=peer)
+        problem = Problem(400, "bad-request", "http.malformed", "The request is not valid HTTP/1.1.")
+        ex.status, ex.decision, ex.reason = 400, "deny", problem.reason
+        body = problem.body(ex.request_id)
+        ex.bytes_out = len(body)
+        for done in self._completions:
+            try:
+                done(ex)
+            except Exception as exc:
+                log.error("completion failed: %s", type(exc).__name__)
+        return ex.request_id, body
+
     async def _send_problem(self, ex: Exchange, problem: Problem, send: Send) -> None:
         body = problem.body(ex.request_id)
         ex.status = problem.status
@@ -173,3 +194,7 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if k == b"content-length":
             return int(v)
     return None
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

@@ -13,7 +13,9 @@ import typer
 
 from portcullis import __version__
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Portcullis: an API security gateway.")
+# Tracebacks are for developers: main() turns expected failures into one `error:` line.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Portcullis: an API security gateway.")
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the audit log.")
 app.add_typer(keys_app, name="keys")
@@ -155,7 +157,9 @@ def keys_create(
         raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps({"key_id": rec.key_id, "key": key, "name": name, "tenant": tenant,
-                               "scopes": scopes, "expires_at": expires}))
+                               "scopes": scopes, "roles": sorted(rec.roles), "expires_at": expires,
+                               "rate_limit": None if rl is None else
+                               {"requests": rl[0], "per_seconds": rl[1], "burst": rl[2]}}))
     else:
         typer.echo(f"key id:  {rec.key_id}\nkey:     {key}\n(shown once; only a keyed hash is stored)")
 
@@ -199,7 +203,7 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (the 8 characters after pcl_).")],
                 config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Revoke a key; a running gateway refuses it within its poll interval (0.25 s)."""
+    """Revoke a key; a running gateway refuses it within `keys.revocation_poll_seconds`."""
     from portcullis.keysadmin import revoke_key
 
     if not re.fullmatch(r"[0-9A-Za-z]{8}", key_id):
@@ -223,7 +227,7 @@ def audit_tail(
     d = _data_dir(config, data_dir)
     if not DataPaths(d).audit_db.exists():
         raise fail(f"{d}: no audit log here")
-    store = open_audit_store(d)
+    store = open_audit_store(d, writable=False)
     try:
         last = 0
         for ev in store.tail(lines):
@@ -249,8 +253,10 @@ def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     d = _data_dir(config, data_dir)
     if not DataPaths(d).audit_db.exists():
         raise fail(f"{d}: no audit log here")
-    store = open_audit_store(d)
+    store = open_audit_store(d, writable=False)
     try:
+        if store.verify_key is None:
+            raise fail(f"{DataPaths(d).audit_key} is missing: checkpoint signatures cannot be checked")
         report = verify(store, store.verify_key)
     finally:
         store.close()
@@ -301,7 +307,13 @@ def demo(
 
 def main() -> None:
     """Entry point of the `portcullis` script."""
+    from portcullis.audit.store import AuditStoreError
+    from portcullis.gateway import SecretsError
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except (SecretsError, AuditStoreError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)

@@ -8,6 +8,7 @@ beside its handler; this module composes them and checks what crosses models
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from portcullis.stages.proxy import UpstreamConfig
 from portcullis.stages.route import RouteConfig, parse_template
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 class ListenConfig(BaseModel):
@@ -30,12 +32,16 @@ class ListenConfig(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class MetricsListenConfig(ListenConfig):
+    port: int = Field(default=9102, ge=0, le=65535)
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     listen: ListenConfig = ListenConfig()
-    metrics: ListenConfig | None = ListenConfig(port=9102)
-    shutdown_grace_seconds: float = Field(default=10.0, gt=0, le=600)
+    metrics: MetricsListenConfig | None = MetricsListenConfig()
+    shutdown_grace_seconds: int = Field(default=10, ge=1, le=600)
     keep_alive_seconds: int = Field(default=5, ge=1, le=300)
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
 
@@ -75,8 +81,15 @@ class GatewayConfig(BaseModel):
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name in v:
-            if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
-                raise ValueError(f"invalid name {name!r}: use letters, digits, '-', '_', '.'")
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"invalid name {name!r}: 1-100 ASCII letters, digits, '-', '_', '.'")
+        return v
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "credential" in v:
+            raise ValueError("'credential' is reserved for each key's own limit; choose another name")
         return v
 
 

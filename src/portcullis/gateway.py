@@ -54,16 +54,24 @@ class DataPaths:
         return self.secrets_dir / "audit-ed25519.pem"
 
 
-def load_or_create_pepper(path: Path) -> bytes:
+class SecretsError(Exception):
+    """A secret the data directory needs is missing or unusable; the message says what to do."""
+
+
+def load_or_create_pepper(path: Path, *, may_create: bool = True) -> bytes:
     """The server pepper for API key hashes: 32 random bytes, created once, mode 0600.
 
-    Losing it invalidates every API key (by design: the hashes are useless without it).
+    Losing it invalidates every API key (by design: the hashes are useless without
+    it), so it is only created where no key store exists yet (`may_create`).
     """
     if path.exists():
         data = path.read_bytes()
         if len(data) < 32:
-            raise ValueError(f"{path}: the key pepper is shorter than 32 bytes")
+            raise SecretsError(f"{path}: the key pepper is shorter than 32 bytes; restore it from a backup")
         return data
+    if not may_create:
+        raise SecretsError(f"{path} is missing but the key store exists: every API key would fail. "
+                           "Restore the file from a backup (or move the data directory aside to start over).")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,13 +82,30 @@ def load_or_create_pepper(path: Path) -> bytes:
     return data
 
 
+def _ensure_dir(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
 def open_key_store(data_dir: Path) -> tuple[SqliteKeyStore, KeyHasher]:
+    """The key store and its hasher; creates both only in a fresh data directory."""
     paths = DataPaths(data_dir)
-    return SqliteKeyStore(paths.keys_db), KeyHasher(load_or_create_pepper(paths.pepper))
+    _ensure_dir(data_dir)
+    pepper = load_or_create_pepper(paths.pepper, may_create=not paths.keys_db.exists())
+    return SqliteKeyStore(paths.keys_db), KeyHasher(pepper)
 
 
-def open_audit_store(data_dir: Path) -> SqliteAuditStore:
+def open_audit_store(data_dir: Path, *, writable: bool = True) -> SqliteAuditStore:
+    """The audit log. Writable: with its signing key (created only for a new log).
+    Read-only (tail, verify): never creates anything; the verify key is the signing
+    key's public half when the key file is there, else None."""
     paths = DataPaths(data_dir)
+    if not writable:
+        key = load_or_create_audit_key(paths.audit_key) if paths.audit_key.exists() else None
+        return SqliteAuditStore(paths.audit_db, verify_key=key.public_key() if key else None)
+    _ensure_dir(data_dir)
+    if paths.audit_db.exists() and not paths.audit_key.exists():
+        raise SecretsError(f"{paths.audit_key} is missing but the audit log exists: new checkpoints would not "
+                           "verify. Restore the key from a backup.")
     key = load_or_create_audit_key(paths.audit_key)
     return SqliteAuditStore(paths.audit_db, signing_key=key, verify_key=key.public_key())
 
@@ -109,6 +134,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
     record = RecordStage(writer)
+    rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
     stages: list[Stage] = [
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
@@ -117,10 +143,10 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         AuthenticateStage(keys, hasher),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
-        ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes),
+        ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header),
     ]
     completions: list[CompletionStage] = [record, MetricsStage(metrics)]
-    app = GatewayApp(Pipeline(stages, completions), cfg.normalize.request_id_header.lower().encode())
+    app = GatewayApp(Pipeline(stages, completions), rid_header)
     metrics.info.labels(version=_version()).set(1)
 
     async def start() -> None:

@@ -2,7 +2,8 @@
 
 A `Problem` carries a stable `type` URI (one per kind of refusal, documented in
 docs/problems.md), the HTTP status, a client-safe `detail`, and a `reason` code that
-is *not* sent to the client in full but always lands in the audit event.
+lands in the audit event but is never sent to the client: reasons tell apart, say, an
+unknown key from a wrong secret, which would be an oracle for an attacker.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ class Problem:
             "title": PROBLEM_TITLES[self.slug],
             "status": self.status,
             "detail": self.detail,
-            "reason": self.reason,
             "request_id": request_id,
         }
         return json.dumps(doc, separators=(",", ":")).encode()

@@ -306,8 +306,17 @@ class Pool:
         self._slots = asyncio.Semaphore(cfg.max_connections)
         self._closed = False
 
-    async def _acquire(self) -> _Conn:
-        await self._slots.acquire()
+    async def _acquire(self, deadline: float) -> _Conn:
+        if self._slots.locked():
+            # Every connection is busy: wait for one, but not past the request's deadline,
+            # so nothing is sent for a request the client has already been told timed out.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamTimeoutError("no free upstream connection in time") from None
+        else:
+            await self._slots.acquire()
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -354,7 +363,7 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total_timeout
-        conn = await self._acquire()
+        conn = await self._acquire(deadline)
         conn.used += 1
         conn.begin(head_request=method == "HEAD")
         transport = conn.transport

@@ -63,3 +63,14 @@ def test_sweep_prefers_full_buckets() -> None:
     # At t=100 every old bucket is full again, so they are swept first.
     g.check("new", spec, 100.0)
     assert len(g) == 1
+
+
+def test_refund_gives_back_exactly_one_request() -> None:
+    g = MemoryGcra()
+    spec = RateLimitSpec(requests=2, per_seconds=60, burst=2)
+    assert g.check("k", spec, 0.0).allowed
+    assert g.check("k", spec, 0.0).allowed
+    assert not g.check("k", spec, 0.0).allowed
+    g.refund("k", spec)
+    assert g.check("k", spec, 0.0).allowed
+    assert not g.check("k", spec, 0.0).allowed

@@ -36,7 +36,7 @@ def test_method_falls_through_to_less_specific() -> None:
 
 
 def test_405_lists_allowed_methods() -> None:
-    assert name("x", "PUT", "/v1/projects/abc") == ["DELETE", "GET"]
+    assert name("x", "PUT", "/v1/projects/abc") == ["DELETE", "GET", "HEAD"]
 
 
 def test_404() -> None:

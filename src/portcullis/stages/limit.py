@@ -57,6 +57,7 @@ class LimitStage:
         now = self._clock()
         p = ex.principal
         results: list[tuple[str, RateLimitSpec, Decision]] = []
+        keys: list[str] = []
         name = route.config.rate_limit
         if name is not None:
             cfg, spec = self._policies[name]
@@ -68,17 +69,23 @@ class LimitStage:
                 subject = "r:" + route.name
             else:  # ip, or no principal on a public route
                 subject = "i:" + ex.client_ip
-            results.append((name, spec, self._limiter.check(f"{name}|{subject}", spec, now)))
+            keys.append(f"{name}|{subject}")
+            results.append((name, spec, self._limiter.check(keys[-1], spec, now)))
         if p is not None:
             own = RateLimitSpec(*p.rate_limit) if p.rate_limit else self._credential_default
             if own is not None:
-                results.append(("credential", own, self._limiter.check("credential|" + p.credential_id, own, now)))
+                keys.append("credential|" + p.credential_id)
+                results.append(("credential", own, self._limiter.check(keys[-1], own, now)))
         if not results:
             return None
         ex.response_headers.append((b"ratelimit-policy", ", ".join(
             f'"{n}";q={s.requests};w={_window(s)}' for n, s, _ in results).encode()))
         refused = [r for r in results if not r[2].allowed]
         if refused:
+            # A refused request must not use up the limits that admitted it.
+            for key, (_, spec, decision) in zip(keys, results, strict=True):
+                if decision.allowed:
+                    self._limiter.refund(key, spec)
             n, _, d = max(refused, key=lambda r: r[2].retry_after)
             retry = max(1, math.ceil(d.retry_after))
             ex.facts["rate_limit"] = n

@@ -125,10 +125,15 @@ class ProxyStage:
 
     name: ClassVar[str] = "proxy"
 
-    def __init__(self, upstreams: dict[str, Upstream], trusted: TrustedProxies, max_body_bytes: int) -> None:
+    def __init__(self, upstreams: dict[str, Upstream], trusted: TrustedProxies, max_body_bytes: int,
+                 request_id_header: bytes = b"x-request-id") -> None:
         self._upstreams = upstreams
         self._trusted = trusted
         self._max_body = max_body_bytes
+        # The incoming request-id header (whatever its configured name) is replaced by
+        # the id the gateway settled on, so an untrusted client cannot choose it upstream.
+        self._rid = request_id_header
+        self._drop = _REQUEST_DROP | {request_id_header}
 
     def _forward_headers(self, ex: Exchange, up: Upstream, strip_credentials: bool) -> Headers:
         peer: str = ex.facts.get("peer", ex.client_ip)
@@ -145,7 +150,7 @@ class ProxyStage:
                 proto = v
         out: Headers = []
         for k, v in ex.headers:
-            if k in _REQUEST_DROP or k in connection_named or k.startswith(b"x-portcullis-"):
+            if k in self._drop or k in connection_named or k.startswith(b"x-portcullis-"):
                 continue
             if strip_credentials and k in _CREDENTIAL_HEADERS:
                 continue
@@ -155,7 +160,7 @@ class ProxyStage:
         out.append((b"x-forwarded-proto", proto or ex.scope.get("scheme", "http").encode()))
         if ex.host:
             out.append((b"x-forwarded-host", ex.host.encode()))
-        out.append((b"x-request-id", ex.request_id.encode()))
+        out.append((self._rid, ex.request_id.encode()))
         out.append((b"host", ex.host.encode() if up.cfg.preserve_host and ex.host else up.host_header))
         return out
 
@@ -201,7 +206,8 @@ class ProxyStage:
         up = self._upstreams[cfg.upstream]
         pool = up.pool
         assert pool is not None  # opened at start-up
-        headers = self._forward_headers(ex, up, not cfg.public and not up.cfg.forward_credentials)
+        # Credentials are stripped on public routes too: the upstream never needs them.
+        headers = self._forward_headers(ex, up, not up.cfg.forward_credentials)
         path = ex.raw_path
         if cfg.upstream_path is not None:
             path = _rewrite(cfg.upstream_path, ex.path_params).encode()

@@ -154,6 +154,8 @@ class Router:
             if method in c.methods or (method == "HEAD" and "GET" in c.methods):
                 return c, params
             allowed |= c.methods
+        if "GET" in allowed:
+            allowed.add("HEAD")  # GET routes serve HEAD too (RFC 9110 §9.3.2)
         return sorted(allowed)
 
 

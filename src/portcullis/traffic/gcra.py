@@ -60,6 +60,12 @@ class MemoryGcra:
         remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval + _EPSILON))
         return Decision(True, remaining, new_tat - now, 0.0)
 
+    def refund(self, key: str, spec: RateLimitSpec, cost: int = 1) -> None:
+        """Give back an admitted request (another limit refused it after all)."""
+        tat = self._tat.get(key)
+        if tat is not None:
+            self._tat[key] = tat - spec.per_seconds / spec.requests * cost
+
     def _sweep(self, now: float) -> None:
         stale = [k for k, t in self._tat.items() if t <= now]
         for k in stale:
