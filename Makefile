@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 ARGS   ?=
 
-.PHONY: run test lint typecheck unit bench lock clean
+.PHONY: run test lint typecheck unit bench bench-micro lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ unit: $(VENV)/.installed-test
 test: lint typecheck unit
 
 # Benchmarks: wrk against nginx and Portcullis in one run (docs/benchmarks.md).
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test bench-micro
 	bash scripts/bench/run.sh
+
+# Microbenchmarks of the hot functions (pytest-benchmark).
+bench-micro: $(VENV)/.installed-test
+	$(BIN)/pytest tests/bench --benchmark-only --benchmark-columns=min,median,mean,ops --benchmark-sort=name -p no:cacheprovider
 
 # Re-pin every dependency (run when pyproject.toml changes; needs the registry).
 lock:

@@ -68,15 +68,23 @@ def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 
     raise RuntimeError(f"{url} did not come up")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(url: str, key: str | None, conns: int, seconds: int) -> dict[str, float]:
     cmd = [*taskset("1"), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
     if key:
         cmd += ["-H", f"Authorization: Bearer {key}"]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {p: _ms(re.search(rf"^\s+{p}%\s+(\S+)", out, re.M).group(1)) for p in ("50", "99")}  # type: ignore[union-attr]
-    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "non2xx": float(errors.group(1)) if errors else 0.0}
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "requests": total,
+            "non2xx": float(errors.group(1)) if errors else 0.0}
 
 
 def hey(url: str, key: str | None, rate: int, seconds: int) -> dict[str, float]:
@@ -136,15 +144,20 @@ routes:
                               "--tenant", "acme", "--scope", "projects:read", "--rate-limit",
                               "100000000/1m:100000", "--json"], capture_output=True, text=True, check=True)
         key = json.loads(out.stdout)["key"]
-        procs.append(subprocess.Popen([*taskset("0"), *pcl, "serve", "--config", str(cfg)]))
+        gateway = subprocess.Popen([*taskset("0"), *pcl, "serve", "--config", str(cfg)])
+        procs.append(gateway)
         wait_http(f"http://127.0.0.1:{UP}{PATH}")
         wait_http(f"http://127.0.0.1:{NGX}{PATH}")
         wait_http(f"http://127.0.0.1:{PCL}{PATH}", {"Authorization": f"Bearer {key}"})
         results: dict[str, dict[str, float]] = {}
         for name, port, k in (("nginx", NGX, None), ("portcullis", PCL, key)):
             url = f"http://127.0.0.1:{port}{PATH}"
-            wrk(url, k, args.connections, 3)  # warm-up: pools, caches, JIT-free but page-warm
+            wrk(url, k, args.connections, 3)  # warm-up: pools, caches, page cache
+            cpu0 = cpu_seconds(gateway.pid)
             results[f"{name}-max"] = wrk(url, k, args.connections, args.seconds)
+            if name == "portcullis":
+                used = cpu_seconds(gateway.pid) - cpu0
+                results[f"{name}-max"]["cpu_us_per_request"] = used / results[f"{name}-max"]["requests"] * 1e6
             results[f"{name}-fixed"] = hey(url, k, args.rate, args.seconds)
         audit_rows = subprocess.run([*pcl, "audit", "verify", "--config", str(cfg)], capture_output=True,
                                     text=True).stdout.strip()
@@ -165,6 +178,7 @@ routes:
 | p50 latency at {args.rate}/s | {nf['p50']:.2f} ms | {pf['p50']:.2f} ms | +{pf['p50'] - nf['p50']:.2f} ms |
 | p99 latency at {args.rate}/s | {nf['p99']:.2f} ms | {pf['p99']:.2f} ms | +{pf['p99'] - nf['p99']:.2f} ms |
 | non-2xx responses | {n['non2xx'] + nf['non2xx']:.0f} | {p['non2xx'] + pf['non2xx']:.0f} | |
+| Portcullis CPU per request at max load (process + threads) | | {p['cpu_us_per_request']:.0f} µs | |
 
 audit: {audit_rows}""")
         return 0

@@ -1,0 +1,136 @@
+"""Microbenchmarks of the per-request hot functions (pytest-benchmark).
+
+Skipped by `make test` (addopts has --benchmark-skip); `make bench-micro` runs them.
+They assert behaviour, never speed: the figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from portcullis.audit.chain import chain_hash, normalize_event
+from portcullis.audit.events import AuditEvent
+from portcullis.audit.sqlite import SqliteAuditStore
+from portcullis.credentials import apikeys
+from portcullis.exchange import Exchange, Principal
+from portcullis.pipeline import Stage
+from portcullis.stages.authenticate import AuthenticateStage, KeyCache
+from portcullis.stages.authorize import AuthorizeStage
+from portcullis.stages.limit import LimitStage
+from portcullis.stages.normalize import Accepted, NormalizeConfig, NormalizeStage, inspect_request
+from portcullis.stages.route import RouteConfig, Router, RouteStage
+from portcullis.storage.protocols import ApiKeyRecord, RateLimitSpec
+from portcullis.traffic.gcra import MemoryGcra
+
+HEADERS = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"accept", b"*/*"),
+           (b"authorization", b"Bearer x"), (b"x-forwarded-for", b"10.0.0.1")]
+PATH = b"/v1/tenants/acme/projects"
+
+
+def routes() -> list[RouteConfig]:
+    out = [RouteConfig(name="health", path="/v1/health", methods=["GET"], upstream="u", public=True)]
+    for i, (m, p) in enumerate([("GET", "/projects"), ("POST", "/projects"), ("GET", "/projects/{id}"),
+                                ("DELETE", "/projects/{id}"), ("GET", "/invoices"), ("GET", "/users/{id}")]):
+        out.append(RouteConfig(name=f"r{i}", path="/v1/tenants/{tenant}" + p, methods=[m], upstream="u",
+                               auth=["api_key"], scopes=["projects:read"], tenant_param="tenant"))
+    return out
+
+
+def test_normalize_inspect(benchmark: Any) -> None:
+    cfg = NormalizeConfig()
+    result = benchmark(inspect_request, "GET", PATH, b"", HEADERS, cfg)
+    assert isinstance(result, Accepted)
+
+
+def test_route_resolve(benchmark: Any) -> None:
+    router = Router(routes())
+    found = benchmark(router.resolve, "127.0.0.1", "GET", "/v1/tenants/acme/projects/prj_1")
+    assert not isinstance(found, list)
+    assert found[1] == {"tenant": "acme", "id": "prj_1"}
+
+
+def test_api_key_parse_and_verify(benchmark: Any) -> None:
+    hasher = apikeys.KeyHasher(b"p" * 32)
+    kid, key = apikeys.generate()
+    stored = hasher.digest(key)
+
+    def verify() -> bool:
+        return apikeys.parse(key) == kid and hasher.matches(key, stored)
+
+    assert benchmark(verify)
+
+
+def test_gcra_check(benchmark: Any) -> None:
+    g = MemoryGcra()
+    spec = RateLimitSpec(10**9, 60, 10**6)
+    assert benchmark(lambda: g.check("credential|abc", spec, time.monotonic())).allowed
+
+
+def test_audit_event_chain_hash(benchmark: Any) -> None:
+    ev = normalize_event(AuditEvent(ts=time.time(), kind="request", request_id="r" * 24, decision="allow",
+                                    reason="ok", method="GET", path=PATH.decode(), status=200, latency_ms=1.2))
+    assert len(benchmark(chain_hash, "0" * 64, ev)) == 64
+
+
+def test_audit_append_batch_of_64(benchmark: Any, tmp_path: Path) -> None:
+    """One group commit of 64 events (chain, insert, signed checkpoint, fsync); per call."""
+    store = SqliteAuditStore(tmp_path / "a.db", signing_key=Ed25519PrivateKey.generate())
+
+    def batch() -> list[AuditEvent]:
+        return [normalize_event(AuditEvent(ts=time.time(), kind="request", request_id=f"r{i}", decision="allow",
+                                           reason="ok", path="/x", status=200)) for i in range(64)]
+
+    out = benchmark.pedantic(store.append_batch, setup=lambda: ((batch(),), {"assume_normalized": True}),
+                             rounds=50)
+    assert out[-1].seq > 0
+    store.close()
+
+
+class _Keys:
+    def __init__(self, rec: ApiKeyRecord) -> None:
+        self.rec = rec
+
+    def get(self, key_id: str) -> ApiKeyRecord | None:
+        return self.rec if key_id == self.rec.key_id else None
+
+
+def test_request_stages_in_process(benchmark: Any) -> None:
+    """normalize -> route -> authenticate -> authorize -> limit for one request, no network."""
+    hasher = apikeys.KeyHasher(b"p" * 32)
+    kid, key = apikeys.generate()
+    rec = ApiKeyRecord(kid, "bench", "acme", frozenset({"projects:read"}), frozenset(), hasher.digest(key),
+                       time.time(), rate_limit=RateLimitSpec(10**9, 60, 10**6))
+    cache = KeyCache.__new__(KeyCache)  # a loaded cache without a store: the stage reads only .get
+    cache.get = _Keys(rec).get  # type: ignore[method-assign]
+    stages: list[Stage] = [NormalizeStage(NormalizeConfig()), RouteStage(Router(routes())), AuthenticateStage(cache, hasher),
+              AuthorizeStage(), LimitStage({}, MemoryGcra())]
+    headers = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"authorization", f"Bearer {key}".encode())]
+    loop = asyncio.new_event_loop()
+
+    async def run() -> Exchange:
+        ex = Exchange(scope={"type": "http"}, receive=_no_body, method="GET", raw_path=PATH, query=b"",
+                      headers=headers, request_id="r", client_ip="127.0.0.1")
+        for s in stages:
+            problem = await s.on_request(ex)
+            assert problem is None, problem
+        return ex
+
+    ex = benchmark(lambda: loop.run_until_complete(run()))
+    loop.close()
+    assert isinstance(ex.principal, Principal)
+    assert ex.principal.tenant == "acme"
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_gc() -> None:
+    """Benchmarks compare runs; nothing to set up beyond pytest-benchmark's own calibration."""
