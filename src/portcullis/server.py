@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 
@@ -88,10 +87,6 @@ def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:
 
 def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; the exit status for the CLI."""
-    # The event loop shares the GIL with the audit writer thread; a shorter switch
-    # interval (default 5 ms) bounds how long a request waits for it (measured in
-    # docs/benchmarks.md).
-    sys.setswitchinterval(0.0005)
     gw = build_gateway(loaded)
     stop_metrics = start_metrics(gw, loaded)
     server = make_server(gw, loaded, host, port)
