@@ -27,6 +27,7 @@ from portcullis.stages.normalize import Accepted, NormalizeConfig, NormalizeStag
 from portcullis.stages.route import RouteConfig, Router, RouteStage
 from portcullis.storage.protocols import ApiKeyRecord, RateLimitSpec
 from portcullis.traffic.gcra import MemoryGcra
+from tests.support import MemoryKeyStore, no_body
 
 HEADERS = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"accept", b"*/*"),
            (b"authorization", b"Bearer x"), (b"x-forwarded-for", b"10.0.0.1")]
@@ -92,31 +93,6 @@ def test_audit_append_batch_of_64(benchmark: Any, tmp_path: Path) -> None:
     store.close()
 
 
-class MemoryKeyStore:
-    """A `KeyStore` held in a dict: the benchmark measures the stages, not SQLite."""
-
-    def __init__(self, *records: ApiKeyRecord) -> None:
-        self._records = {r.key_id: r for r in records}
-
-    def create(self, record: ApiKeyRecord) -> None:
-        self._records[record.key_id] = record
-
-    def get(self, key_id: str) -> ApiKeyRecord | None:
-        return self._records.get(key_id)
-
-    def list(self) -> list[ApiKeyRecord]:
-        return list(self._records.values())
-
-    def revoke(self, key_id: str, at: float) -> bool:
-        return False
-
-    def revision(self) -> int:
-        return 1
-
-    def close(self) -> None:
-        pass
-
-
 def test_request_stages_in_process(benchmark: Any) -> None:
     """normalize -> route -> authenticate -> authorize -> limit for one request, no network."""
     hasher = apikeys.KeyHasher(b"p" * 32)
@@ -131,7 +107,7 @@ def test_request_stages_in_process(benchmark: Any) -> None:
     loop = asyncio.new_event_loop()
 
     async def run() -> Exchange:
-        ex = Exchange(scope={"type": "http"}, receive=_no_body, method="GET", raw_path=PATH, query=b"",
+        ex = Exchange(scope={"type": "http"}, receive=no_body, method="GET", raw_path=PATH, query=b"",
                       headers=headers, request_id="r", client_ip="127.0.0.1")
         for s in stages:
             problem = await s.on_request(ex)
@@ -142,10 +118,6 @@ def test_request_stages_in_process(benchmark: Any) -> None:
     loop.close()
     assert isinstance(ex.principal, Principal)
     assert ex.principal.tenant == "acme"
-
-
-async def _no_body() -> dict[str, Any]:
-    return {"type": "http.disconnect"}
 
 
 @pytest.fixture(autouse=True)
