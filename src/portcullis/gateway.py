@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         await keys.stop()
         for u in upstreams.values():
             await u.close()
-        writer.close()
+        # close() flushes and may wait (up to its timeout): off the event loop.
+        await asyncio.to_thread(writer.close)
         key_store.close()
 
     app.startup_hooks.append(start)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,22 @@ def prepare(data_dir: Path, port: int, upstream_url: str, credentials_out: Path 
     return loaded, ordered, creds_path
 
 
+def cli_command() -> str:
+    """How to call this CLI again from the current directory (e.g. `.venv/bin/portcullis`)."""
+    prog = Path(sys.argv[0])
+    if prog.name == "portcullis" and prog.exists():
+        rel = os.path.relpath(prog.resolve().parent / prog.name)
+        found = shutil.which("portcullis")
+        if found and Path(found).resolve() == prog.resolve():
+            return "portcullis"
+        return rel if rel.startswith(".") or rel.startswith("/") else "./" + rel
+    return f"{sys.executable} -m portcullis"
+
+
 def quickstart(creds: dict[str, Any], creds_path: Path, data_dir: Path) -> str:
     """The text printed on start: copy-paste curl lines that work as written."""
     g = creds["gateway_url"]
+    pcl = cli_command()
     k = {a["name"]: a["key"] for a in creds["api_keys"]}
     return f"""
 Portcullis demo is running.
@@ -141,8 +155,9 @@ Try it (each line works as written):
   curl -s -H 'X-API-Key: {k['acme-writer']}' -H 'Content-Type: application/json' \\
        -d '{{"name":"Apollo"}}' {g}/v1/tenants/acme/projects
   curl -s {g}/v1/tenants/acme/../globex/projects --path-as-is             # 400: dot segments
-  portcullis audit tail --data-dir {data_dir}
-  portcullis audit verify --data-dir {data_dir}
+  {pcl} audit tail --data-dir {data_dir}
+  {pcl} audit verify --data-dir {data_dir}
+  {pcl} keys list --data-dir {data_dir}
 
 Stop with Ctrl-C (the audit log is flushed first).
 """
