@@ -277,8 +277,12 @@ def demo(
     ] = None,
     reset: Annotated[bool, typer.Option(help="Start over: delete the demo's data directory first.")] = False,
     upstream: Annotated[str | None, typer.Option(help="Send the demo routes to this upstream instead.")] = None,
+    trust_issuer: Annotated[str | None, typer.Option(
+        help="Also accept access tokens from this OpenID Connect issuer (found by discovery).")] = None,
+    tenant_claim: Annotated[str, typer.Option(help="The token claim that names the tenant.")] = "tenant",
 ) -> None:
     """Run a complete gateway in front of the built-in demo SaaS API."""
+    from portcullis.config import ConfigError
     from portcullis.demo.run import DemoError, prepare, quickstart
     from portcullis.demo.upstream import DemoApi, UpstreamThread
     from portcullis.observe import configure_logging
@@ -294,7 +298,10 @@ def demo(
         upstream_url = upstream
     try:
         try:
-            loaded, creds, creds_path = prepare(data_dir, port, upstream_url, credentials_out, reset=reset)
+            loaded, creds, creds_path = prepare(data_dir, port, upstream_url, credentials_out, reset=reset,
+                                                trust_issuer=trust_issuer, tenant_claim=tenant_claim)
+        except ConfigError as exc:
+            raise fail("; ".join(exc.errors)) from None
         except (DemoError, ValueError) as exc:
             raise fail(str(exc)) from None
         typer.echo(quickstart(creds, creds_path, loaded.data_dir))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from portcullis.credentials.jwt import JwtConfig
 from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
@@ -72,6 +73,7 @@ class GatewayConfig(BaseModel):
     server: ServerConfig = ServerConfig()
     normalize: NormalizeConfig = NormalizeConfig()
     keys: KeysConfig = KeysConfig()
+    jwt: JwtConfig | None = None
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)
@@ -153,6 +155,8 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
                 errors.append(f"{at}: a public route cannot also require auth, scopes, roles or a tenant")
         elif not r.auth:
             errors.append(f"{at}: no auth requirement; add 'auth: [api_key]' or mark it 'public: true'")
+        if "jwt" in r.auth and cfg.jwt is None:
+            errors.append(f"{at}.auth: 'jwt' needs a top-level 'jwt:' section with trusted issuers")
         if r.tenant_param is not None and r.tenant_param not in params:
             errors.append(f"{at}.tenant_param: {r.tenant_param!r} is not a parameter of {r.path!r}")
         if r.upstream_path is not None:

@@ -14,6 +14,7 @@ from portcullis.audit.sqlite import SqliteAuditStore
 from portcullis.audit.writer import AuditWriter
 from portcullis.config import LoadedConfig
 from portcullis.credentials.apikeys import KeyHasher
+from portcullis.credentials.jwt import JwtVerifier
 from portcullis.netutil import TrustedProxies
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
@@ -134,6 +135,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds)
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
+    jwt = JwtVerifier(cfg.jwt) if cfg.jwt is not None else None
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
@@ -141,7 +143,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),
         RouteStage(Router(list(cfg.routes))),
-        AuthenticateStage(keys, hasher),
+        AuthenticateStage(keys, hasher, jwt=jwt),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header),
@@ -155,6 +157,10 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
             u.open()
         keys.start()
         writer.start()
+        if jwt is not None:
+            # Warm the JWKS caches; an issuer that is down now is retried on first use.
+            for source in jwt.issuers.values():
+                await source.refresh(forced=False)
 
     async def stop() -> None:
         await keys.stop()

@@ -30,6 +30,7 @@ def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], rol
 
     ValueError if the name is taken.
     """
+    open_audit_store(data_dir).close()  # fail before any change if the audit log is unusable
     store, hasher = open_key_store(data_dir)
     try:
         kid, key = apikeys.generate()
@@ -50,6 +51,7 @@ def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], rol
 
 def revoke_key(data_dir: Path, key_id: str) -> bool:
     """Revoke at once; False if there is no such active key."""
+    open_audit_store(data_dir).close()  # fail before any change if the audit log is unusable
     store, _ = open_key_store(data_dir)
     try:
         rec = store.get(key_id)

@@ -364,6 +364,10 @@ class Pool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + total_timeout
         conn = await self._acquire(deadline)
+        if loop.time() >= deadline:
+            # The wait for a connection used the whole budget: send nothing.
+            self.put_back(conn)
+            raise UpstreamTimeoutError("no free upstream connection in time")
         conn.used += 1
         conn.begin(head_request=method == "HEAD")
         transport = conn.transport

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
+from portcullis.audit.events import AuditEvent
 from portcullis.config import LoadedConfig, parse_config
-from portcullis.gateway import Gateway, build_gateway
+from portcullis.gateway import Gateway, build_gateway, open_audit_store
 from portcullis.server import make_server, start_metrics
 
 
@@ -104,3 +105,16 @@ def write_config(data_dir: Path, doc: dict[str, Any]) -> LoadedConfig:
     path = data_dir / "config.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return parse_config(path.read_text(), path)
+
+
+def find_audit_event(gateway: GatewayThread, request_id: str) -> AuditEvent:
+    """The audit event of `request_id`, after flushing the gateway's writer."""
+    assert gateway.gw.writer.flush(10.0)
+    store = open_audit_store(gateway.loaded.data_dir, writable=False)
+    try:
+        for ev in store.iter_events(after_seq=0):
+            if ev.request_id == request_id:
+                return ev
+    finally:
+        store.close()
+    raise AssertionError(f"no audit event for request {request_id}")

@@ -7,24 +7,15 @@ import pytest
 
 from portcullis.audit.events import AuditEvent
 from portcullis.credentials import apikeys
-from portcullis.gateway import open_audit_store
 from portcullis.problems import PROBLEM_BASE
 from tests.integration.conftest import Env
-from tests.integration.harness import Client, raw_request
+from tests.integration.harness import Client, find_audit_event, raw_request
 
 P = "/v1/tenants/acme/projects"
 
 
 def audit_event(env: Env, request_id: str) -> AuditEvent:
-    assert env.gateway.gw.writer.flush(10.0)
-    store = open_audit_store(env.data_dir)
-    try:
-        for ev in store.iter_events(after_seq=0):
-            if ev.request_id == request_id:
-                return ev
-    finally:
-        store.close()
-    raise AssertionError(f"no audit event for request {request_id}")
+    return find_audit_event(env.gateway, request_id)
 
 
 def unknown_but_well_formed_key() -> str:

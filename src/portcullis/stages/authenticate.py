@@ -1,7 +1,10 @@
 """authenticate: credentials -> a `Principal` (DESIGN.md, request path step 4).
 
 This stage knows API keys, presented as ``Authorization: Bearer <key>`` (RFC 6750
-§2.1) or as ``X-API-Key: <key>``. Every failure is a 401 with a
+§2.1) or as ``X-API-Key: <key>``, and JWT access tokens from trusted issuers
+(`portcullis.credentials.jwt`) as ``Authorization: Bearer <jwt>`` on routes whose
+``auth`` lists ``jwt``. A Bearer value starting with the API key prefix is always
+treated as an API key. Every failure is a 401 with a
 ``WWW-Authenticate: Bearer`` challenge (RFC 6750 §3) and a precise audit reason; the
 client sees only that the credential is invalid, not why (no oracle for attackers),
 except for the expiry, which RFC 6750 §3.1 lets us state.
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from portcullis.credentials import apikeys
+from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
 from portcullis.exchange import Exchange, Principal
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.storage.protocols import ApiKeyRecord, KeyStore
@@ -87,13 +91,15 @@ class AuthenticateStage:
     name: ClassVar[str] = "authenticate"
 
     def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None) -> None:
         self._keys = keys
         self._hasher = hasher
         self._clock = clock
+        self._jwt = jwt
 
     @staticmethod
-    def _presented(ex: Exchange) -> bytes | Problem | None:
+    def _presented(ex: Exchange) -> tuple[bytes, bool] | Problem | None:
+        """The credential and whether it came as a Bearer token (JWTs come only that way)."""
         auth: list[bytes] = []
         xkey: list[bytes] = []
         for k, v in ex.headers:
@@ -107,25 +113,31 @@ class AuthenticateStage:
                            "Present exactly one credential.",
                            headers=[bearer_challenge("invalid_request")])
         if xkey:
-            return xkey[0].strip()
+            return xkey[0].strip(), False
         if auth:
             scheme, _, token = auth[0].strip().partition(b" ")
             if scheme.lower() != b"bearer":
                 return Problem(401, "unauthenticated", "auth.unsupported_scheme",
                                "Use the Bearer scheme.", headers=[bearer_challenge()])
-            return token.strip()
+            return token.strip(), True
         return None
 
     async def on_request(self, ex: Exchange) -> Problem | None:
         route = ex.route
         if route is None or route.config.public:
             return None
-        presented = self._presented(ex)
-        if isinstance(presented, Problem):
-            return presented
-        if not presented:
+        found = self._presented(ex)
+        if isinstance(found, Problem):
+            return found
+        if found is None or not found[0]:
             return Problem(401, "unauthenticated", "auth.missing", "This route requires a credential.",
                            headers=[bearer_challenge()])
+        presented, bearer = found
+        methods = route.config.auth
+        if bearer and not presented.startswith(b"pcl_") and "jwt" in methods and self._jwt is not None:
+            return await self._jwt_principal(ex, presented)
+        if "api_key" not in methods:
+            return _invalid("auth.method_not_allowed")
         if len(presented) > MAX_CREDENTIAL_LEN:
             return _invalid("auth.credential_too_long")
         try:
@@ -156,4 +168,17 @@ class AuthenticateStage:
             roles=record.roles,
             rate_limit=(rl.requests, rl.per_seconds, rl.burst) if rl else None,
         )
+        return None
+
+    async def _jwt_principal(self, ex: Exchange, token: bytes) -> Problem | None:
+        assert self._jwt is not None
+        try:
+            ex.principal = await self._jwt.verify(token)
+        except JwtRefusal as refusal:
+            if refusal.reason == "jwt.jwks_unavailable":
+                # Fail closed, but say it is our side: the issuer's keys cannot be had.
+                return Problem(503, "service-unavailable", refusal.reason,
+                               "Access tokens cannot be verified right now; retry shortly.",
+                               headers=[(b"retry-after", b"5")])
+            return _invalid(refusal.reason, refusal.detail)
         return None

@@ -70,8 +70,10 @@ class RouteConfig(BaseModel):
     @classmethod
     def _auth(cls, v: list[str]) -> list[str]:
         for m in v:
-            if m not in ("api_key",):
-                raise ValueError(f"unknown auth method {m!r}; expected 'api_key'")
+            if m not in ("api_key", "jwt"):
+                raise ValueError(f"unknown auth method {m!r}; expected 'api_key' or 'jwt'")
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate auth method")
         return v
 
 

@@ -1,0 +1,369 @@
+"""JWT access tokens from trusted issuers (RFC 7519, RFC 9068, RFC 8725 best practices).
+
+Verification is strict and in a fixed order; each refusal has its own audit reason:
+
+1. Size bound and compact-JWS shape (three base64url segments) before any parsing.
+2. The header: `alg` must be in the issuer's allowlist (never ``none``, never HMAC —
+   RFC 8725 §3.1/§3.2: an issuer's *public* key must never verify an HMAC); unknown
+   ``crit`` parameters are refused (RFC 7515 §4.1.11); keys named by ``jku``, ``x5u``,
+   ``x5c`` or ``jwk`` are never used (§3.10: only keys from the configured JWKS);
+   ``typ`` must be ``at+jwt`` when the issuer requires it (RFC 9068 §4), and tokens
+   typed as DPoP proofs are never access tokens (RFC 9449 §4.2).
+3. The issuer is chosen by the token's `iss`, compared exactly against the config (no
+   prefix match); the unverified payload is read only for that choice.
+4. The key comes from that issuer's JWKS by `kid` (joserfc verifies the signature with
+   the allowlisted algorithms only).
+5. Claims (RFC 7519 §4.1, RFC 9068 §2.2): `exp` required; `exp`/`nbf`/`iat` with
+   explicit leeway; `aud` must contain the configured audience; ID tokens (`nonce`,
+   `at_hash`) are refused as access tokens; a DPoP-bound token (`cnf.jkt`) presented as
+   Bearer is refused (RFC 9449 §7.1).
+
+Verified tokens are cached by the SHA-256 of the token, bounded, never beyond `exp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from joserfc import jwt as jose_jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from portcullis.exchange import Principal
+
+log = logging.getLogger("portcullis.jwt")
+
+# Public-key algorithms only: an HMAC "secret" known to the gateway is not how third-
+# party issuers sign, and allowing HS* is the root of the RS/HS key-confusion attack.
+ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
+MAX_JWKS_BYTES = 1024 * 1024
+_B64URL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class JwtIssuerConfig(BaseModel):
+    """One trusted issuer. Exactly one key source: discovery, `jwks_uri` or `jwks_file`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuer: str = Field(min_length=1, max_length=2048)
+    discovery: bool = False
+    jwks_uri: str | None = None
+    jwks_file: str | None = None
+    audience: str = Field(min_length=1, max_length=2048)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA", "Ed25519"], min_length=1)
+    require_typ: Literal["at+jwt"] | None = None
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    max_token_bytes: int = Field(default=8192, ge=256, le=65536)
+    tenant_claim: str = "tenant"
+    roles_claim: str = "roles"
+    jwks_ttl_seconds: float = Field(default=300, ge=10, le=86400)
+    jwks_min_refresh_seconds: float = Field(default=30, ge=1, le=3600)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: list[str]) -> list[str]:
+        for alg in v:
+            if alg not in ALLOWED_ALGORITHMS:
+                allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
+                raise ValueError(f"algorithm {alg!r} is not allowed; choose from {allowed}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JwtIssuerConfig:
+        sources = [self.discovery, self.jwks_uri is not None, self.jwks_file is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one key source: discovery: true, jwks_uri or jwks_file")
+        for url in (self.jwks_uri, self.issuer if self.discovery else None):
+            if url is not None and not url.startswith(("https://", "http://127.0.0.1", "http://localhost",
+                                                       "http://[::1]")):
+                raise ValueError(f"{url!r}: keys must be fetched over https (plain http only on loopback)")
+        return self
+
+
+class JwtConfig(BaseModel):
+    """Trusted issuers and the verified-token cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    issuers: list[JwtIssuerConfig] = Field(min_length=1)
+    cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
+
+    @field_validator("issuers")
+    @classmethod
+    def _unique(cls, v: list[JwtIssuerConfig]) -> list[JwtIssuerConfig]:
+        seen = [i.issuer for i in v]
+        if len(seen) != len(set(seen)):
+            raise ValueError("an issuer appears twice")
+        return v
+
+
+class JwtRefusal(Exception):
+    """A token is refused; `reason` is the audit reason code."""
+
+    def __init__(self, reason: str, detail: str = "The access token is not valid.") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _b64json(segment: bytes) -> dict[str, Any]:
+    if not segment or not set(segment) <= _B64URL:
+        raise JwtRefusal("jwt.malformed")
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise JwtRefusal("jwt.malformed") from None
+    if not isinstance(doc, dict):
+        raise JwtRefusal("jwt.malformed")
+    return doc
+
+
+Fetch = Callable[[str], bytes]
+
+
+def http_fetch(url: str) -> bytes:
+    """GET `url` (bounded size, 5 s timeout); raises OSError/ValueError on failure."""
+    # The scheme is https (or http on loopback), checked by JwtIssuerConfig.
+    req = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "portcullis"})  # noqa: S310
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+        data: bytes = resp.read(MAX_JWKS_BYTES + 1)
+    if len(data) > MAX_JWKS_BYTES:
+        raise ValueError("document too large")
+    return data
+
+
+class JwksCache:
+    """One issuer's keys: cached for `ttl`, refreshed on an unknown `kid` at most once
+    per `min_refresh` (a flood of random kids cannot hammer the issuer), and served
+    stale while the issuer is unreachable."""
+
+    def __init__(self, cfg: JwtIssuerConfig, fetch: Fetch = http_fetch,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self._fetch = fetch
+        self._clock = clock
+        self.keys: KeySet | None = None
+        self._fetched_at = -1e18
+        self._attempted_at = -1e18
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    def _jwks_url(self) -> str:
+        if self.cfg.jwks_uri is not None:
+            return self.cfg.jwks_uri
+        base = self.cfg.issuer.rstrip("/")
+        # OIDC Discovery 1.0 §4, then RFC 8414 §3 as a fallback.
+        for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+            try:
+                meta = json.loads(self._fetch(base + path))
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("issuer") == self.cfg.issuer and isinstance(
+                    meta.get("jwks_uri"), str):
+                return str(meta["jwks_uri"])  # RFC 8414 §3.3: issuer must match exactly
+        raise ValueError("discovery failed")
+
+    def _load(self) -> KeySet:
+        if self.cfg.jwks_file is not None:
+            with open(self.cfg.jwks_file, "rb") as f:
+                raw = f.read(MAX_JWKS_BYTES + 1)
+        else:
+            raw = self._fetch(self._jwks_url())
+        if len(raw) > MAX_JWKS_BYTES:
+            raise ValueError("JWKS too large")
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise ValueError("not a JWK Set")
+        # Only public signing keys: private parts or symmetric keys in a JWKS are a
+        # misconfiguration (and an `oct` key would enable HMAC confusion).
+        keys = [k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
+                and "d" not in k and k.get("use", "sig") == "sig"]
+        return KeySet.import_key_set({"keys": keys}) if keys else KeySet([])
+
+    async def refresh(self, *, forced: bool) -> None:
+        async with self._lock:
+            now = self._clock()
+            if forced and now - self._attempted_at < self.cfg.jwks_min_refresh_seconds:
+                return
+            if not forced and now - self._fetched_at < self.cfg.jwks_ttl_seconds:
+                return
+            self._attempted_at = now
+            self.fetches += 1
+            try:
+                self.keys = await asyncio.to_thread(self._load)
+                self._fetched_at = now
+            except (OSError, ValueError, JoseError) as exc:
+                # Keep serving the last good keys (stale) while the issuer is down.
+                log.warning("JWKS for %s unavailable: %s", self.cfg.issuer, type(exc).__name__)
+
+    async def key_for(self, kid: str | None) -> KeySet:
+        if self.keys is None or self._clock() - self._fetched_at >= self.cfg.jwks_ttl_seconds:
+            await self.refresh(forced=False)
+        if self.keys is None:
+            raise JwtRefusal("jwt.jwks_unavailable", "The token issuer's keys are unavailable.")
+        if kid is not None and not self._has(kid):
+            await self.refresh(forced=True)
+            if not self._has(kid):
+                raise JwtRefusal("jwt.unknown_kid")
+        return self.keys
+
+    def _has(self, kid: str) -> bool:
+        return self.keys is not None and any(k.kid == kid for k in self.keys.keys)
+
+
+@dataclass(slots=True)
+class _Cached:
+    principal: Principal
+    exp: float
+
+
+class JwtVerifier:
+    """Verifies access tokens against the configured issuers."""
+
+    def __init__(self, cfg: JwtConfig, fetch: Fetch = http_fetch, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._clock = clock
+        self.issuers = {i.issuer: JwksCache(i, fetch) for i in cfg.issuers}
+        self._max_bytes = max(i.max_token_bytes for i in cfg.issuers)
+        self._all_algorithms = frozenset(a for i in cfg.issuers for a in i.algorithms)
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+
+    async def verify(self, token: bytes) -> Principal:
+        """The token's Principal; raises `JwtRefusal` with the reason otherwise."""
+        if len(token) > self._max_bytes:
+            raise JwtRefusal("jwt.too_large")
+        digest = hashlib.sha256(token).digest()
+        now = self._clock()
+        hit = self._cache.get(digest)
+        if hit is not None:
+            if now < hit.exp:
+                return hit.principal
+            del self._cache[digest]
+        parts = token.split(b".")
+        if len(parts) != 3:
+            raise JwtRefusal("jwt.malformed")
+        header = _b64json(parts[0])
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._all_algorithms:
+            raise JwtRefusal("jwt.alg_not_allowed")  # `none` in any spelling stops here
+        if not parts[2]:
+            raise JwtRefusal("jwt.malformed")
+        payload = _b64json(parts[1])
+        iss = payload.get("iss")
+        source = self.issuers.get(iss) if isinstance(iss, str) else None
+        if source is None:
+            raise JwtRefusal("jwt.unknown_issuer")
+        icfg = source.cfg
+        if len(token) > icfg.max_token_bytes:
+            raise JwtRefusal("jwt.too_large")
+        self._check_header(header, icfg)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise JwtRefusal("jwt.malformed")
+        keys = await source.key_for(kid)
+        try:
+            verified = jose_jwt.decode(token, keys, algorithms=icfg.algorithms)
+        except JoseError as exc:
+            raise JwtRefusal("jwt.bad_signature") from exc
+        except (ValueError, TypeError) as exc:  # e.g. a key that cannot do this algorithm
+            raise JwtRefusal("jwt.bad_signature") from exc
+        claims = verified.claims
+        exp = self._check_claims(claims, icfg, now)
+        principal = self._principal(claims, icfg, digest)
+        if self.cfg.cache_size:
+            self._cache[digest] = _Cached(principal, exp + icfg.leeway_seconds)
+            if len(self._cache) > self.cfg.cache_size:
+                self._cache.popitem(last=False)
+        return principal
+
+    @staticmethod
+    def _check_header(header: dict[str, Any], icfg: JwtIssuerConfig) -> None:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in icfg.algorithms:
+            raise JwtRefusal("jwt.alg_not_allowed")
+        crit = header.get("crit")
+        if crit is not None:
+            # We understand no extension parameters: any crit is unsupported (RFC 7515 §4.1.11).
+            raise JwtRefusal("jwt.crit_unsupported")
+        typ = header.get("typ")
+        if typ is not None and not isinstance(typ, str):
+            raise JwtRefusal("jwt.bad_typ")
+        t = typ.lower() if typ else None
+        if t in ("dpop+jwt", "application/dpop+jwt"):
+            raise JwtRefusal("jwt.dpop_proof_as_token")
+        if icfg.require_typ is not None and t not in ("at+jwt", "application/at+jwt"):
+            raise JwtRefusal("jwt.bad_typ")
+
+    @staticmethod
+    def _check_claims(claims: dict[str, Any], icfg: JwtIssuerConfig, now: float) -> float:
+        leeway = icfg.leeway_seconds
+        exp = claims.get("exp")
+        if exp is None:
+            raise JwtRefusal("jwt.missing_exp")
+        if not _is_number(exp):
+            raise JwtRefusal("jwt.malformed")
+        if now >= float(exp) + leeway:
+            raise JwtRefusal("jwt.expired", "The access token has expired.")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not _is_number(nbf) or now + leeway < float(nbf)):
+            raise JwtRefusal("jwt.not_yet_valid")
+        iat = claims.get("iat")
+        if iat is not None and (not _is_number(iat) or now + leeway < float(iat)):
+            raise JwtRefusal("jwt.issued_in_future")
+        if claims.get("iss") != icfg.issuer:  # exact, again, on the verified claims
+            raise JwtRefusal("jwt.unknown_issuer")
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if icfg.audience not in auds:
+            raise JwtRefusal("jwt.bad_audience")
+        if "nonce" in claims or "at_hash" in claims:
+            raise JwtRefusal("jwt.id_token")  # an ID token is not an access token
+        cnf = claims.get("cnf")
+        if isinstance(cnf, dict) and ("jkt" in cnf or "x5t#S256" in cnf):
+            # Sender-constrained: usable only with proof of possession (DPoP / mTLS).
+            raise JwtRefusal("jwt.sender_constrained", "This token must be presented with proof of possession.")
+        return float(exp)
+
+    @staticmethod
+    def _principal(claims: dict[str, Any], icfg: JwtIssuerConfig, digest: bytes) -> Principal:
+        sub = claims.get("sub")
+        tenant = claims.get(icfg.tenant_claim)
+        if not isinstance(sub, str) or not sub:
+            raise JwtRefusal("jwt.missing_sub")
+        if not isinstance(tenant, str) or not tenant:
+            raise JwtRefusal("jwt.missing_tenant")
+        scope = claims.get("scope")
+        scp = claims.get("scp")
+        if isinstance(scope, str):
+            scopes = frozenset(scope.split())
+        elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
+            scopes = frozenset(scp)
+        else:
+            scopes = frozenset()
+        roles_raw = claims.get(icfg.roles_claim)
+        roles = frozenset(r for r in roles_raw if isinstance(r, str)) if isinstance(roles_raw, list) else frozenset()
+        client = claims.get("client_id", claims.get("azp"))
+        jti = claims.get("jti")
+        return Principal(
+            subject=sub, tenant=tenant,
+            credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
+            credential_kind="jwt", scopes=scopes, roles=roles,
+            client_id=client if isinstance(client, str) else None,
+        )
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

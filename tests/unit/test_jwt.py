@@ -1,0 +1,315 @@
+"""JWT access-token verification: good tokens from RS256/ES256/EdDSA issuers, and an
+attack suite, each case named after the attack or CVE it stands for."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from joserfc import jwt as jose_jwt
+from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
+from pydantic import ValidationError
+
+from portcullis.credentials.jwt import JwtConfig, JwtIssuerConfig, JwtRefusal, JwtVerifier
+
+ISS = "https://issuer.example"
+AUD = "https://api.example"
+NOW = 1_800_000_000.0
+
+RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa1"})
+EC = ECKey.generate_key("P-256", parameters={"kid": "ec1"})
+ED = OKPKey.generate_key("Ed25519", parameters={"kid": "ed1"})
+ATTACKER = RSAKey.generate_key(2048, parameters={"kid": "rsa1"})  # same kid, different key
+
+
+def b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def jwks(*keys: Any) -> bytes:
+    return json.dumps({"keys": [k.as_dict(private=False) for k in keys]}).encode()
+
+
+class Issuer:
+    """A fake issuer's HTTP side: serves its JWKS; can go down; counts fetches."""
+
+    def __init__(self, *keys: Any) -> None:
+        self.doc = jwks(*keys)
+        self.down = False
+        self.fetches = 0
+
+    def fetch(self, url: str) -> bytes:
+        self.fetches += 1
+        if self.down:
+            raise OSError("unreachable")
+        assert url == ISS + "/jwks"
+        return self.doc
+
+
+def verifier(issuer: Issuer | None = None, clock: list[float] | None = None, **kw: Any) -> JwtVerifier:
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, jwks_uri=ISS + "/jwks", audience=AUD, **kw)])
+    src = issuer or Issuer(RSA, EC, ED)
+    now = clock or [NOW]
+    v = JwtVerifier(cfg, fetch=src.fetch, clock=lambda: now[0])
+    for cache in v.issuers.values():
+        cache._clock = lambda: now[0]  # the JWKS cache follows the same test clock
+    return v
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"iss": ISS, "aud": AUD, "sub": "user-1", "tenant": "acme", "exp": int(NOW) + 300,
+                            "iat": int(NOW) - 10, "scope": "projects:read billing:read", "jti": "t-1",
+                            "client_id": "app-1"}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def sign(key: Any, alg: str, body: dict[str, Any] | None = None, **header: Any) -> bytes:
+    head = {"alg": alg, "kid": key.kid, "typ": "at+jwt", **header}
+    head = {k: v for k, v in head.items() if v is not None}
+    return jose_jwt.encode(head, body or claims(), key, algorithms=[alg]).encode()
+
+
+def forge(header: dict[str, Any], body: dict[str, Any], signature: bytes = b"") -> bytes:
+    return b".".join([b64(json.dumps(header).encode()), b64(json.dumps(body).encode()), b64(signature)])
+
+
+async def refused(v: JwtVerifier, token: bytes) -> str:
+    with pytest.raises(JwtRefusal) as info:
+        await v.verify(token)
+    return info.value.reason
+
+
+@pytest.mark.parametrize(("key", "alg"), [(RSA, "RS256"), (EC, "ES256"), (ED, "EdDSA")])
+async def test_good_tokens(key: Any, alg: str) -> None:
+    p = await verifier().verify(sign(key, alg))
+    assert (p.subject, p.tenant, p.client_id, p.credential_kind, p.credential_id) == (
+        "user-1", "acme", "app-1", "jwt", "t-1")
+    assert p.scopes == frozenset({"projects:read", "billing:read"})
+
+
+async def test_scp_array_roles_and_audience_list() -> None:
+    p = await verifier().verify(sign(RSA, "RS256", claims(scope=None, scp=["a", "b"], roles=["admin", 3],
+                                                         aud=["other", AUD])))
+    assert p.scopes == frozenset({"a", "b"})
+    assert p.roles == frozenset({"admin"})
+
+
+async def test_verified_token_cache_never_outlives_the_token() -> None:
+    clock = [NOW]
+    issuer = Issuer(RSA)
+    v = verifier(issuer, clock, leeway_seconds=0)
+    token = sign(RSA, "RS256", claims(exp=int(NOW) + 60))
+    assert (await v.verify(token)).subject == "user-1"
+    assert (await v.verify(token)).subject == "user-1"  # served from the cache
+    clock[0] = NOW + 61
+    assert await refused(v, token) == "jwt.expired"
+
+
+# --- the attack suite -------------------------------------------------------------
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+async def test_alg_none_every_spelling(alg: str) -> None:  # CVE-2015-9235 family
+    token = forge({"alg": alg, "kid": "rsa1", "typ": "at+jwt"}, claims())
+    assert await refused(verifier(), token) == "jwt.alg_not_allowed"
+    token = forge({"alg": alg, "kid": "rsa1"}, claims(), b"anything")
+    assert await refused(verifier(), token) == "jwt.alg_not_allowed"
+
+
+def public_encodings(key: Any) -> list[bytes]:
+    pub = key.get_op_key("verify")
+    return [
+        pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        json.dumps(key.as_dict(private=False)).encode(),
+        pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+    ]
+
+
+@pytest.mark.parametrize("key", [RSA, EC], ids=["RS-HS", "ES-HS"])
+async def test_key_confusion_hmac_with_the_public_key(key: Any) -> None:  # CVE-2016-10555, CVE-2022-29217
+    # Forged by hand: joserfc itself refuses to use a public key as an HMAC secret.
+    for secret in public_encodings(key):
+        for alg, digest in (("HS256", "sha256"), ("HS384", "sha384"), ("HS512", "sha512")):
+            head = b64(json.dumps({"alg": alg, "kid": key.kid, "typ": "at+jwt"}).encode())
+            body = b64(json.dumps(claims()).encode())
+            mac = hmac.new(secret, head + b"." + body, digest).digest()
+            assert await refused(verifier(), head + b"." + body + b"." + b64(mac)) == "jwt.alg_not_allowed"
+
+
+def test_hmac_cannot_even_be_configured() -> None:
+    with pytest.raises(ValidationError, match="not allowed"):
+        JwtIssuerConfig(issuer=ISS, jwks_uri=ISS + "/jwks", audience=AUD, algorithms=["HS256"])
+
+
+async def test_embedded_jwk_is_never_trusted() -> None:  # CVE-2018-0114
+    evil = RSAKey.generate_key(2048, parameters={"kid": "evil"})
+    token = sign(evil, "RS256", jwk=evil.as_dict(private=False), kid=None)
+    assert await refused(verifier(), token) == "jwt.bad_signature"
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u"])
+async def test_jku_and_x5u_are_never_fetched(header: str) -> None:
+    issuer = Issuer(RSA)
+    extra: dict[str, Any] = {header: "https://attacker.example/keys"}
+    token = sign(ATTACKER, "RS256", **extra)
+    assert await refused(verifier(issuer), token) == "jwt.bad_signature"
+    assert issuer.fetches == 1  # only our own JWKS was ever fetched
+
+
+@pytest.mark.parametrize("kid", ["../../../../etc/passwd", "' OR '1'='1", "rsa1\x00", "x" * 300, "/dev/null"])
+async def test_kid_traversal_and_injection(kid: str) -> None:
+    token = sign(ATTACKER, "RS256", kid=kid)
+    assert await refused(verifier(), token) == "jwt.unknown_kid"
+
+
+async def test_same_kid_other_key_is_a_bad_signature() -> None:
+    assert await refused(verifier(), sign(ATTACKER, "RS256")) == "jwt.bad_signature"
+
+
+async def test_ecdsa_psychic_signature_r_s_zero() -> None:  # CVE-2022-21449
+    good = sign(EC, "ES256").split(b".")
+    zeros = b".".join([good[0], good[1], b64(b"\x00" * 64)])
+    assert await refused(verifier(), zeros) == "jwt.bad_signature"
+    der_zero = b".".join([good[0], good[1], b64(bytes.fromhex("3006020100020100"))])
+    assert await refused(verifier(), der_zero) == "jwt.bad_signature"
+
+
+@pytest.mark.parametrize("part", [1, 2])
+async def test_bit_flips(part: int) -> None:
+    good = sign(RSA, "RS256").split(b".")
+    raw = bytearray(base64.urlsafe_b64decode(good[part] + b"=" * (-len(good[part]) % 4)))
+    for i in (0, len(raw) // 2, len(raw) - 1):
+        flipped = bytearray(raw)
+        flipped[i] ^= 0x01
+        parts = list(good)
+        parts[part] = b64(bytes(flipped))
+        reason = await refused(verifier(), b".".join(parts))
+        assert reason in ("jwt.bad_signature", "jwt.malformed")
+
+
+@pytest.mark.parametrize("token", [b"", b"abc", b"a.b", b"a.b.c.d", b"a..c", b"..", b"a.b.", b"!!!.???.***",
+                                   b"eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln"])
+async def test_missing_extra_and_garbage_segments(token: bytes) -> None:
+    assert await refused(verifier(), token) == "jwt.malformed"
+
+
+async def test_huge_header() -> None:
+    token = forge({"alg": "RS256", "kid": "rsa1", "pad": "x" * 20_000}, claims(), b"sig")
+    assert await refused(verifier(), token) == "jwt.too_large"
+
+
+async def test_unknown_crit() -> None:
+    good = sign(RSA, "RS256").split(b".")
+    head = b64(json.dumps({"alg": "RS256", "kid": "rsa1", "crit": ["exp-ext"], "exp-ext": 1}).encode())
+    assert await refused(verifier(), b".".join([head, good[1], good[2]])) == "jwt.crit_unsupported"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (claims(exp=int(NOW) - 31), "jwt.expired"),
+    (claims(exp=None), "jwt.missing_exp"),
+    (claims(exp="tomorrow"), "jwt.malformed"),
+    (claims(nbf=int(NOW) + 120), "jwt.not_yet_valid"),
+    (claims(iat=int(NOW) + 120), "jwt.issued_in_future"),
+    (claims(iss=ISS + ".evil"), "jwt.unknown_issuer"),     # issuer prefix match
+    (claims(iss=ISS + "/"), "jwt.unknown_issuer"),
+    (claims(iss=ISS[:-1]), "jwt.unknown_issuer"),
+    (claims(aud="https://other.example"), "jwt.bad_audience"),
+    (claims(aud=[]), "jwt.bad_audience"),
+    (claims(aud=None), "jwt.bad_audience"),
+    (claims(nonce="n-1"), "jwt.id_token"),                  # an ID token used as an access token
+    (claims(at_hash="abc"), "jwt.id_token"),
+    (claims(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), "jwt.sender_constrained"),
+    (claims(cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}), "jwt.sender_constrained"),
+    (claims(sub=None), "jwt.missing_sub"),
+    (claims(tenant=None), "jwt.missing_tenant"),
+])
+async def test_claims(body: dict[str, Any], reason: str) -> None:
+    assert await refused(verifier(), sign(RSA, "RS256", body)) == reason
+
+
+async def test_expiry_leeway_is_explicit() -> None:
+    assert (await verifier().verify(sign(RSA, "RS256", claims(exp=int(NOW) - 29)))).subject == "user-1"
+    strict = verifier(leeway_seconds=0)
+    assert await refused(strict, sign(RSA, "RS256", claims(exp=int(NOW) - 1))) == "jwt.expired"
+
+
+async def test_dpop_proof_used_as_access_token() -> None:
+    proof = sign(EC, "ES256", typ="dpop+jwt")
+    assert await refused(verifier(), proof) == "jwt.dpop_proof_as_token"
+
+
+async def test_typ_at_jwt_required_when_configured() -> None:
+    v = verifier(require_typ="at+jwt")
+    assert await refused(v, sign(RSA, "RS256", typ="JWT")) == "jwt.bad_typ"
+    assert await refused(v, sign(RSA, "RS256", typ=None)) == "jwt.bad_typ"
+    assert (await v.verify(sign(RSA, "RS256", typ="application/at+jwt"))).subject == "user-1"
+
+
+async def test_algorithm_allowlist_per_issuer() -> None:
+    v = verifier(algorithms=["ES256"])
+    assert await refused(v, sign(RSA, "RS256")) == "jwt.alg_not_allowed"
+    assert (await v.verify(sign(EC, "ES256"))).subject == "user-1"
+
+
+async def test_alg_header_lies_about_the_key() -> None:
+    # Header says ES256 but names the RSA key: joserfc must not verify across key types.
+    body = sign(RSA, "RS256").split(b".")
+    head = b64(json.dumps({"alg": "ES256", "kid": "rsa1", "typ": "at+jwt"}).encode())
+    assert await refused(verifier(), b".".join([head, body[1], body[2]])) == "jwt.bad_signature"
+
+
+# --- the JWKS cache ------------------------------------------------------------------
+
+async def test_unknown_kid_flood_is_rate_limited() -> None:
+    issuer = Issuer(RSA)
+    v = verifier(issuer)
+    for i in range(50):
+        assert await refused(v, sign(ATTACKER, "RS256", kid=f"random-{i}")) == "jwt.unknown_kid"
+    assert issuer.fetches <= 2  # the first load and at most one forced refresh per interval
+
+
+async def test_key_rotation_picked_up_on_unknown_kid() -> None:
+    clock = [NOW]
+    issuer = Issuer(RSA)
+    v = verifier(issuer, clock)
+    assert (await v.verify(sign(RSA, "RS256"))).subject == "user-1"
+    new = ECKey.generate_key("P-256", parameters={"kid": "ec-new"})
+    issuer.doc = jwks(RSA, new)
+    clock[0] += 31  # past the minimum refresh interval
+    assert (await v.verify(sign(new, "ES256", claims(exp=int(clock[0]) + 300)))).subject == "user-1"
+
+
+async def test_stale_keys_are_served_while_the_issuer_is_down() -> None:
+    clock = [NOW]
+    issuer = Issuer(RSA)
+    v = verifier(issuer, clock, jwks_ttl_seconds=60)
+    await v.verify(sign(RSA, "RS256", claims(jti="a")))
+    issuer.down = True
+    clock[0] += 120  # TTL passed; refresh fails
+    assert (await v.verify(sign(RSA, "RS256", claims(jti="b", exp=int(clock[0]) + 300)))).subject == "user-1"
+
+
+async def test_no_keys_at_all_is_a_clear_refusal() -> None:
+    issuer = Issuer(RSA)
+    issuer.down = True
+    assert await refused(verifier(issuer), sign(RSA, "RS256")) == "jwt.jwks_unavailable"
+
+
+async def test_private_and_symmetric_keys_in_a_jwks_are_ignored() -> None:
+    oct_key = OctKey.generate_key(256, parameters={"kid": "oct"})
+    issuer = Issuer(RSA)
+    issuer.doc = json.dumps({"keys": [RSA.as_dict(private=True), oct_key.as_dict(private=True)]}).encode()
+    assert await refused(verifier(issuer), sign(RSA, "RS256")) == "jwt.unknown_kid"
+
+
+def test_config_needs_exactly_one_key_source_and_https() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        JwtIssuerConfig(issuer=ISS, audience=AUD)
+    with pytest.raises(ValidationError, match="https"):
+        JwtIssuerConfig(issuer=ISS, jwks_uri="http://keys.example/jwks", audience=AUD)
+
