@@ -7,6 +7,7 @@ They assert behaviour, never speed: the figures go to docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,89 @@ def test_request_stages_in_process(benchmark: Any) -> None:
 @pytest.fixture(autouse=True)
 def _quiet_gc() -> None:
     """Benchmarks compare runs; nothing to set up beyond pytest-benchmark's own calibration."""
+
+
+# --- JWT verification (issue: credentials) ----------------------------------------
+JWT_NOW = 1_800_000_000.0
+
+
+def _jwt_setup(alg: str, cache_size: int) -> tuple[Any, bytes, Any]:
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+    from portcullis.credentials.jwt import JwtConfig, JwtIssuerConfig, JwtVerifier
+
+    key: Any
+    if alg == "RS256":
+        key = RSAKey.generate_key(2048, parameters={"kid": "k"})
+    elif alg == "ES256":
+        key = ECKey.generate_key("P-256", parameters={"kid": "k"})
+    else:
+        key = OKPKey.generate_key("Ed25519", parameters={"kid": "k"})
+    doc = json.dumps({"keys": [key.as_dict(private=False)]}).encode()
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer="https://i.example", jwks_uri="https://i.example/jwks",
+                                             audience="https://api.example", algorithms=[alg])],
+                    cache_size=cache_size)
+    verifier = JwtVerifier(cfg, fetch=lambda url: doc, clock=lambda: JWT_NOW)
+    claims = {"iss": "https://i.example", "aud": "https://api.example", "sub": "u", "tenant": "acme",
+              "exp": int(JWT_NOW) + 600, "scope": "projects:read"}
+    token = jose_jwt.encode({"alg": alg, "kid": "k"}, claims, key, algorithms=[alg]).encode()
+    return verifier, token, key
+
+
+def _drive(verifier: Any, token: bytes) -> Principal:
+    """Run verify() to completion without an event loop round: with the JWKS loaded it
+    never suspends, as on the gateway's request path (where it is awaited in a task)."""
+    coro = verifier.verify(token)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise AssertionError("verification suspended although the keys are loaded")
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+def test_jwt_verify_cold(benchmark: Any, alg: str) -> None:
+    """Full verification every time (verified-token cache off)."""
+    verifier, token, _ = _jwt_setup(alg, cache_size=0)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(verifier.verify(token))  # loads the JWKS
+    loop.close()
+    assert benchmark(_drive, verifier, token).subject == "u"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+def test_jwt_verify_cached(benchmark: Any, alg: str) -> None:
+    """A repeated token: served from the verified-token cache."""
+    verifier, token, _ = _jwt_setup(alg, cache_size=1000)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(verifier.verify(token))
+    loop.close()
+    assert benchmark(_drive, verifier, token).subject == "u"
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+def test_raw_cryptography_verify(benchmark: Any, alg: str) -> None:
+    """The bare `cryptography` signature check of the same token and key: the floor."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+    _, token, key = _jwt_setup(alg, cache_size=0)
+    head, body, sig_b64 = token.split(b".")
+    signing_input = head + b"." + body
+    sig = base64.urlsafe_b64decode(sig_b64 + b"=" * (-len(sig_b64) % 4))
+    pub = key.get_op_key("verify")
+    if alg == "RS256":
+        def check() -> None:
+            pub.verify(sig, signing_input, padding.PKCS1v15(), hashes.SHA256())
+    elif alg == "ES256":
+        der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+
+        def check() -> None:
+            pub.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+    else:
+        def check() -> None:
+            pub.verify(sig, signing_input)
+    benchmark(check)

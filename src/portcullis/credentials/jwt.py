@@ -11,8 +11,9 @@ Verification is strict and in a fixed order; each refusal has its own audit reas
    typed as DPoP proofs are never access tokens (RFC 9449 §4.2).
 3. The issuer is chosen by the token's `iss`, compared exactly against the config (no
    prefix match); the unverified payload is read only for that choice.
-4. The key comes from that issuer's JWKS by `kid` (joserfc verifies the signature with
-   the allowlisted algorithms only).
+4. The key comes from that issuer's JWKS by `kid` (keys imported and validated once by
+   joserfc); the signature is checked with `cryptography` for the allowlisted
+   algorithm, and only with a key of the matching type and curve.
 5. Claims (RFC 7519 §4.1, RFC 9068 §2.2): `exp` required; `exp`/`nbf`/`iat` with
    explicit leeway; `aud` must contain the configured audience; ID tokens (`nonce`,
    `at_hash`) are refused as access tokens; a DPoP-bound token (`cnf.jkt`) presented as
@@ -24,11 +25,11 @@ Verified tokens are cached by the SHA-256 of the token, bounded, never beyond `e
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import json
 import logging
+import re
 import time
 import urllib.request
 from collections import OrderedDict
@@ -36,7 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from joserfc import jwt as jose_jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,7 +53,7 @@ log = logging.getLogger("portcullis.jwt")
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                                 "ES256", "ES384", "ES512", "EdDSA", "Ed25519"})
 MAX_JWKS_BYTES = 1024 * 1024
-_B64URL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
 
 class JwtIssuerConfig(BaseModel):
@@ -119,12 +122,25 @@ class JwtRefusal(Exception):
         self.detail = detail
 
 
+_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
+def _b64decode(segment: bytes) -> bytes:
+    """base64url without padding (RFC 7515 §2); ValueError on anything else."""
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not base64url")
+    try:
+        return binascii.a2b_base64(segment.translate(_TO_STD) + b"=" * (-len(segment) % 4), strict_mode=True)
+    except binascii.Error:
+        raise ValueError("not base64url") from None
+
+
 def _b64json(segment: bytes) -> dict[str, Any]:
-    if not segment or not set(segment) <= _B64URL:
+    if not segment:
         raise JwtRefusal("jwt.malformed")
     try:
-        doc = json.loads(base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        doc = json.loads(_b64decode(segment).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
         raise JwtRefusal("jwt.malformed") from None
     if not isinstance(doc, dict):
         raise JwtRefusal("jwt.malformed")
@@ -132,6 +148,83 @@ def _b64json(segment: bytes) -> dict[str, Any]:
 
 
 Fetch = Callable[[str], bytes]
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+# RFC 7518 §3.1 (and RFC 8037 §3.1, RFC 9864 for Ed25519): what each `alg` means.
+_HASH: dict[str, type[hashes.HashAlgorithm]] = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_EC_CURVE = {"ES256": ("secp256r1", 32), "ES384": ("secp384r1", 48), "ES512": ("secp521r1", 66)}
+_MIN_RSA_BITS = 2048  # RFC 7518 §3.3
+
+
+def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes) -> bool:
+    """Check a JWS signature with `cryptography` directly (RFC 7515 §5.2 step 8).
+
+    Why not joserfc's `jwt.decode`: it re-parses the token and resolves the key per
+    call, which measured 2-6x the cost of the signature itself (docs/benchmarks.md);
+    keys are imported and validated once, with joserfc, when the JWKS is loaded. The
+    key type must fit the algorithm, so an `alg` header can never pick a primitive
+    the key was not meant for (RFC 8725 §3.1).
+    """
+    try:
+        if alg.startswith(("RS", "PS")):
+            if not isinstance(key, rsa.RSAPublicKey):
+                return False
+            h = _HASH[alg[2:]]()
+            pad: padding.AsymmetricPadding = (padding.PKCS1v15() if alg[0] == "R"
+                                              else padding.PSS(padding.MGF1(h), h.digest_size))
+            key.verify(sig, signing_input, pad, h)
+            return True
+        if alg in _EC_CURVE:
+            curve, size = _EC_CURVE[alg]
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != curve or len(sig) != 2 * size:
+                return False
+            # RFC 7518 §3.4: R || S, each `size` octets; r = s = 0 (CVE-2022-21449) fails in OpenSSL.
+            der = utils.encode_dss_signature(int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big"))
+            key.verify(der, signing_input, ec.ECDSA(_HASH[alg[2:]]()))
+            return True
+        if alg in ("EdDSA", "Ed25519"):
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                return False
+            key.verify(sig, signing_input)
+            return True
+    except InvalidSignature:
+        return False
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerKeys:
+    """An issuer's verification keys by `kid` (None: keys published without one)."""
+
+    by_kid: dict[str | None, list[PublicKey]]
+
+    def candidates(self, kid: str | None) -> list[PublicKey]:
+        if kid is not None:
+            return self.by_kid.get(kid, [])
+        return [k for keys in self.by_kid.values() for k in keys]
+
+    def has(self, kid: str) -> bool:
+        return kid in self.by_kid
+
+
+def import_keys(doc: Any) -> IssuerKeys:
+    """Public signing keys from a JWK Set document; private, symmetric, encryption-only
+    and too-small keys are left out (a misconfiguration, and an `oct` key would enable
+    HMAC confusion)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("not a JWK Set")
+    usable = [k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
+              and "d" not in k and k.get("use", "sig") == "sig"]
+    by_kid: dict[str | None, list[PublicKey]] = {}
+    if not usable:
+        return IssuerKeys(by_kid)
+    for jwk in KeySet.import_key_set({"keys": usable}).keys:
+        pub = jwk.get_op_key("verify")
+        if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < _MIN_RSA_BITS:
+            continue
+        if isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+            by_kid.setdefault(jwk.kid, []).append(pub)
+    return IssuerKeys(by_kid)
 
 
 def http_fetch(url: str) -> bytes:
@@ -155,7 +248,7 @@ class JwksCache:
         self.cfg = cfg
         self._fetch = fetch
         self._clock = clock
-        self.keys: KeySet | None = None
+        self.keys: IssuerKeys | None = None
         self._fetched_at = -1e18
         self._attempted_at = -1e18
         self._lock = asyncio.Lock()
@@ -176,7 +269,7 @@ class JwksCache:
                 return str(meta["jwks_uri"])  # RFC 8414 §3.3: issuer must match exactly
         raise ValueError("discovery failed")
 
-    def _load(self) -> KeySet:
+    def _load(self) -> IssuerKeys:
         if self.cfg.jwks_file is not None:
             with open(self.cfg.jwks_file, "rb") as f:
                 raw = f.read(MAX_JWKS_BYTES + 1)
@@ -184,14 +277,7 @@ class JwksCache:
             raw = self._fetch(self._jwks_url())
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError("JWKS too large")
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise ValueError("not a JWK Set")
-        # Only public signing keys: private parts or symmetric keys in a JWKS are a
-        # misconfiguration (and an `oct` key would enable HMAC confusion).
-        keys = [k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
-                and "d" not in k and k.get("use", "sig") == "sig"]
-        return KeySet.import_key_set({"keys": keys}) if keys else KeySet([])
+        return import_keys(json.loads(raw))
 
     async def refresh(self, *, forced: bool) -> None:
         async with self._lock:
@@ -209,7 +295,7 @@ class JwksCache:
                 # Keep serving the last good keys (stale) while the issuer is down.
                 log.warning("JWKS for %s unavailable: %s", self.cfg.issuer, type(exc).__name__)
 
-    async def key_for(self, kid: str | None) -> KeySet:
+    async def key_for(self, kid: str | None) -> list[PublicKey]:
         if self.keys is None or self._clock() - self._fetched_at >= self.cfg.jwks_ttl_seconds:
             await self.refresh(forced=False)
         if self.keys is None:
@@ -218,10 +304,10 @@ class JwksCache:
             await self.refresh(forced=True)
             if not self._has(kid):
                 raise JwtRefusal("jwt.unknown_kid")
-        return self.keys
+        return self.keys.candidates(kid)
 
     def _has(self, kid: str) -> bool:
-        return self.keys is not None and any(k.kid == kid for k in self.keys.keys)
+        return self.keys is not None and self.keys.has(kid)
 
 
 @dataclass(slots=True)
@@ -275,12 +361,14 @@ class JwtVerifier:
             raise JwtRefusal("jwt.malformed")
         keys = await source.key_for(kid)
         try:
-            verified = jose_jwt.decode(token, keys, algorithms=icfg.algorithms)
-        except JoseError as exc:
-            raise JwtRefusal("jwt.bad_signature") from exc
-        except (ValueError, TypeError) as exc:  # e.g. a key that cannot do this algorithm
-            raise JwtRefusal("jwt.bad_signature") from exc
-        claims = verified.claims
+            sig = _b64decode(parts[2])
+        except ValueError:
+            raise JwtRefusal("jwt.malformed") from None
+        signing_input = parts[0] + b"." + parts[1]
+        alg = header["alg"]
+        if not any(verify_signature(alg, k, signing_input, sig) for k in keys):
+            raise JwtRefusal("jwt.bad_signature")
+        claims = payload
         exp = self._check_claims(claims, icfg, now)
         principal = self._principal(claims, icfg, digest)
         if self.cfg.cache_size:
