@@ -3,10 +3,11 @@ storage protocols held in memory, and an Exchange factory."""
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from portcullis.exchange import Exchange, Headers
-from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError
+from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RevocationRecord
 
 
 class MemoryKeyStore:
@@ -14,6 +15,7 @@ class MemoryKeyStore:
 
     def __init__(self, *records: ApiKeyRecord) -> None:
         self._records = {r.key_id: r for r in records}
+        self._revocations: dict[tuple[str, str], RevocationRecord] = {}
         self._revision = 1
 
     def create(self, record: ApiKeyRecord) -> None:
@@ -37,6 +39,16 @@ class MemoryKeyStore:
         self._records[key_id] = replace(rec, revoked_at=at)
         self._revision += 1
         return True
+
+    def revoke_tokens(self, record: RevocationRecord) -> bool:
+        if (record.kind, record.value) in self._revocations:
+            return False
+        self._revocations[(record.kind, record.value)] = record
+        self._revision += 1
+        return True
+
+    def revocations(self, now: float) -> builtins.list[RevocationRecord]:
+        return [r for r in self._revocations.values() if r.expires_at is None or r.expires_at > now]
 
     def revision(self) -> int:
         return self._revision

@@ -20,6 +20,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API k
 audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the audit log.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+tokens_app = typer.Typer(no_args_is_help=True, help="Revoke JWT access tokens by token id, subject or client.")
+app.add_typer(tokens_app, name="tokens")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Gateway config file.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="A data directory (e.g. a demo's).")]
@@ -310,6 +312,50 @@ def demo(
         if thread is not None:
             thread.stop()
     raise typer.Exit(code)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    jti: Annotated[str | None, typer.Option(help="One token, by its `jti`.")] = None,
+    sub: Annotated[str | None, typer.Option(help="Every token of this subject.")] = None,
+    client: Annotated[str | None, typer.Option(help="Every token issued to this client.")] = None,
+    for_: Annotated[str | None, typer.Option("--for", help="Lapse after this long (e.g. 1h); default never.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Refuse matching access tokens from now on (within `keys.revocation_poll_seconds`)."""
+    from portcullis.keysadmin import revoke_tokens
+
+    given = [(k, v) for k, v in (("jti", jti), ("sub", sub), ("client", client)) if v is not None]
+    if len(given) != 1:
+        raise fail("give exactly one of --jti, --sub or --client", 2)
+    kind, value = given[0]
+    if not value or len(value) > 512 or any(ord(c) < 32 for c in value):
+        raise fail(f"--{kind}: 1-512 printable characters", 2)
+    if len(reason) > 500:
+        raise fail("--reason: at most 500 characters", 2)
+    expires = time.time() + parse_duration(for_) if for_ else None
+    d = _data_dir(config, data_dir)
+    if not revoke_tokens(d, kind, value, expires_at=expires, reason=reason):  # type: ignore[arg-type]
+        raise fail(f"{kind} {value!r} is already revoked")
+    typer.echo(f"revoked tokens with {kind} {value!r}" + (f" until {time.ctime(expires)}" if expires else ""))
+
+
+@tokens_app.command("revoked")
+def tokens_revoked(config: ConfigOpt = None, data_dir: DataDirOpt = None,
+                   as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the token revocations in force."""
+    from portcullis.keysadmin import token_revocations
+
+    entries = token_revocations(_data_dir(config, data_dir))
+    if as_json:
+        typer.echo(json.dumps([{"kind": e.kind, "value": e.value, "created_at": e.created_at,
+                                "expires_at": e.expires_at, "reason": e.reason} for e in entries]))
+        return
+    for e in entries:
+        until = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.expires_at)) if e.expires_at else "never"
+        typer.echo(f"{e.kind:6} {e.value}  (until {until}) {e.reason}")
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     audit_store = open_audit_store(data_dir)
     metrics = Metrics()
     writer = AuditWriter(audit_store, max_batch=cfg.audit.max_batch, max_backlog=cfg.audit.max_backlog)
-    keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds)
+    keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds, revocations=key_store)
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
     jwt = JwtVerifier(cfg.jwt) if cfg.jwt is not None else None

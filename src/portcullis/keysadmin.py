@@ -8,7 +8,13 @@ from pathlib import Path
 from portcullis.audit.events import AuditEvent
 from portcullis.credentials import apikeys
 from portcullis.gateway import open_audit_store, open_key_store
-from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec
+from portcullis.storage.protocols import (
+    ApiKeyRecord,
+    KeyExistsError,
+    RateLimitSpec,
+    RevocationKind,
+    RevocationRecord,
+)
 
 
 def _admin_event(data_dir: Path, action: str, key_id: str, tenant: str, extra: dict[str, object]) -> None:
@@ -61,3 +67,30 @@ def revoke_key(data_dir: Path, key_id: str) -> bool:
     if ok and rec is not None:
         _admin_event(data_dir, "admin.key_revoked", key_id, rec.tenant, {"name": rec.name})
     return ok
+
+
+def revoke_tokens(data_dir: Path, kind: RevocationKind, value: str, *, expires_at: float | None = None,
+                  reason: str = "") -> bool:
+    """Refuse every access token with this `jti`, subject or client from now on; audited.
+
+    False if the same revocation already exists. A running gateway applies it within
+    its poll interval (`keys.revocation_poll_seconds`).
+    """
+    open_audit_store(data_dir).close()  # fail before any change if the audit log is unusable
+    store, _ = open_key_store(data_dir)
+    try:
+        added = store.revoke_tokens(RevocationRecord(kind, value, time.time(), expires_at, reason))
+    finally:
+        store.close()
+    if added:
+        _admin_event(data_dir, "admin.tokens_revoked", "", "", {"kind": kind, "value": value, "reason": reason,
+                                                               "expires_at": expires_at})
+    return added
+
+
+def token_revocations(data_dir: Path) -> list[RevocationRecord]:
+    store, _ = open_key_store(data_dir)
+    try:
+        return store.revocations(time.time())
+    finally:
+        store.close()

@@ -120,3 +120,25 @@ def test_demo_trust_issuer(tmp_path: Path, issuer_thread: tuple[UpstreamThread, 
         assert Client(port, {"X-API-Key": key}).request("GET", "/v1/tenants/acme/projects").status == 200
     finally:
         assert stop(proc)[0] == 0
+
+
+@pytest.mark.parametrize(("kind", "claims", "value"), [
+    ("jti", {"jti": "to-revoke-1"}, "to-revoke-1"),
+    ("sub", {"sub": "mallory"}, "mallory"),
+    ("client", {"client_id": "leaky-app"}, "leaky-app"),
+])
+def test_revocation_is_honoured_within_a_second(jenv: JwtEnv, kind: str, claims: dict[str, str],
+                                                value: str) -> None:
+    from portcullis.keysadmin import revoke_tokens
+
+    c = jenv.bearer(jenv.issuer.mint(jenv.audience, **claims))
+    assert c.request("GET", "/v1/tenants/acme/projects").status == 200  # verified and now cached
+    assert revoke_tokens(jenv.data_dir, kind, value, reason="test")  # type: ignore[arg-type]
+    revoked_at = time.monotonic()
+    while True:
+        r = c.request("GET", "/v1/tenants/acme/projects")
+        if r.status == 401:
+            break
+        assert time.monotonic() - revoked_at < 1.0, "still accepted a second after revocation"
+        time.sleep(0.02)
+    assert audited_reason(jenv, r.headers["x-request-id"]).startswith("jwt.revoked_")

@@ -238,3 +238,29 @@ async def test_record_refuses_when_the_audit_backlog_is_full(tmp_path: Path) -> 
     assert (problem.status, problem.reason) == (503, "audit.backlog_full")  # fail closed, not unaudited
     writer.close()
     store.close()
+
+
+async def test_token_revocations_by_jti_subject_and_client() -> None:
+    from portcullis.storage.protocols import RevocationRecord
+
+    store = MemoryKeyStore()
+    now = [1000.0]
+    cache = KeyCache(store, revocations=store, clock=lambda: now[0])
+    cache.load()
+    alice = Principal("alice", "acme", "jti-1", "jwt", frozenset(), client_id="app-1")
+    bob = Principal("bob", "acme", "jti-2", "jwt", frozenset(), client_id="app-2")
+    assert cache.revoked(alice) is None
+    store.revoke_tokens(RevocationRecord("jti", "jti-1", now[0]))
+    assert cache.revoked(alice) is None  # not seen before the next poll
+    assert await cache.refresh_if_changed()
+    assert cache.revoked(alice) == "jwt.revoked_token"
+    assert cache.revoked(bob) is None
+    store.revoke_tokens(RevocationRecord("sub", "bob", now[0], expires_at=now[0] + 60))
+    store.revoke_tokens(RevocationRecord("client", "app-1", now[0]))
+    await cache.refresh_if_changed()
+    assert cache.revoked(bob) == "jwt.revoked_subject"
+    assert cache.revoked(Principal("carol", "acme", "j3", "jwt", frozenset(), client_id="app-1")) == (
+        "jwt.revoked_client")
+    now[0] += 61  # the subject revocation lapses
+    cache.load()
+    assert cache.revoked(bob) is None

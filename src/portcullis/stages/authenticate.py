@@ -23,7 +23,7 @@ from portcullis.credentials import apikeys
 from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
 from portcullis.exchange import Exchange, Principal
 from portcullis.problems import Problem, bearer_challenge
-from portcullis.storage.protocols import ApiKeyRecord, KeyStore
+from portcullis.storage.protocols import ApiKeyRecord, KeyStore, RevocationStore
 
 log = logging.getLogger("portcullis.keys")
 # A key is 51 characters; anything much longer is refused before any work.
@@ -39,17 +39,36 @@ class KeyCache:
     keys that were revoked before the outage stay revoked (fail closed on them).
     """
 
-    def __init__(self, store: KeyStore, interval: float = 0.25) -> None:
+    def __init__(self, store: KeyStore, interval: float = 0.25, revocations: RevocationStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._interval = interval
+        self._revocation_store = revocations
+        self._clock = clock
         self._records: dict[str, ApiKeyRecord] = {}
+        self._revoked: dict[str, frozenset[str]] = {"jti": frozenset(), "sub": frozenset(), "client": frozenset()}
         self._revision = -1
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> None:
         rev = self._store.revision()
         self._records = {r.key_id: r for r in self._store.list()}
+        if self._revocation_store is not None:
+            entries = self._revocation_store.revocations(self._clock())
+            self._revoked = {kind: frozenset(e.value for e in entries if e.kind == kind)
+                             for kind in ("jti", "sub", "client")}
         self._revision = rev
+
+    def revoked(self, p: Principal) -> str | None:
+        """The audit reason if `p`'s token, subject or client is revoked, else None."""
+        r = self._revoked
+        if p.credential_id in r["jti"]:
+            return "jwt.revoked_token"
+        if p.subject in r["sub"]:
+            return "jwt.revoked_subject"
+        if p.client_id is not None and p.client_id in r["client"]:
+            return "jwt.revoked_client"
+        return None
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
         return self._records.get(key_id)
@@ -173,7 +192,7 @@ class AuthenticateStage:
     async def _jwt_principal(self, ex: Exchange, token: bytes) -> Problem | None:
         assert self._jwt is not None
         try:
-            ex.principal = await self._jwt.verify(token)
+            principal = await self._jwt.verify(token)
         except JwtRefusal as refusal:
             if refusal.reason == "jwt.jwks_unavailable":
                 # Fail closed, but say it is our side: the issuer's keys cannot be had.
@@ -181,4 +200,10 @@ class AuthenticateStage:
                                "Access tokens cannot be verified right now; retry shortly.",
                                headers=[(b"retry-after", b"5")])
             return _invalid(refusal.reason, refusal.detail)
+        # Checked on every request, after the verified-token cache: a revocation takes
+        # effect within one poll of the store, whatever the token's `exp`.
+        revoked = self._keys.revoked(principal)
+        if revoked is not None:
+            return _invalid(revoked)
+        ex.principal = principal
         return None

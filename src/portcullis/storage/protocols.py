@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +54,32 @@ class KeyStore(Protocol):
 
 class KeyExistsError(Exception):
     """A key with that id or name already exists."""
+
+
+RevocationKind = Literal["jti", "sub", "client"]
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationRecord:
+    """Tokens refused from now on: one token (`jti`), every token of a subject, or of a
+    client. `expires_at` lets an entry lapse once no token it covers can still be valid."""
+
+    kind: RevocationKind
+    value: str
+    created_at: float
+    expires_at: float | None = None
+    reason: str = ""
+
+
+class RevocationStore(Protocol):
+    """Persistent token revocations; shares the key store's revision counter."""
+
+    def revoke_tokens(self, record: RevocationRecord) -> bool:
+        """Add; False if the same kind and value is already revoked."""
+        ...
+
+    def revocations(self, now: float) -> list[RevocationRecord]:
+        """Entries still in force at `now`."""
+        ...
+
+    def revision(self) -> int: ...

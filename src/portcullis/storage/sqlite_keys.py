@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec
+from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec, RevocationRecord
 
 _meta = sa.MetaData()
 api_keys = sa.Table(
@@ -26,6 +27,15 @@ api_keys = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),
     sa.Column("revoked_at", sa.Float, nullable=True),
     sa.Column("rate_limit", sa.Text, nullable=True),
+)
+revocations_table = sa.Table(
+    "token_revocations",
+    _meta,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("value", sa.String(512), primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
 )
 revision_table = sa.Table(
     "store_revision",
@@ -44,7 +54,8 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 class SqliteKeyStore:
-    """`KeyStore` on one SQLite file; safe to use from several processes."""
+    """`KeyStore` and `RevocationStore` on one SQLite file; safe to use from several
+    processes. One revision counter covers both, so one poll sees every change."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +136,25 @@ class SqliteKeyStore:
                 return False
             self._bump(conn)
         return True
+
+    def revoke_tokens(self, record: RevocationRecord) -> bool:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(revocations_table.insert().values(
+                    kind=record.kind, value=record.value, created_at=record.created_at,
+                    expires_at=record.expires_at, reason=record.reason,
+                ))
+                self._bump(conn)
+        except IntegrityError:
+            return False
+        return True
+
+    def revocations(self, now: float) -> builtins.list[RevocationRecord]:  # `list` is a method here
+        t = revocations_table.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(revocations_table).where(
+                sa.or_(t.expires_at.is_(None), t.expires_at > now))).all()
+        return [RevocationRecord(r.kind, r.value, r.created_at, r.expires_at, r.reason) for r in rows]
 
     def revision(self) -> int:
         with self._engine.connect() as conn:
