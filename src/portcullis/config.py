@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from portcullis.credentials.introspection import IntrospectionConfig
 from portcullis.credentials.jwt import JwtConfig
 from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
@@ -74,6 +75,7 @@ class GatewayConfig(BaseModel):
     normalize: NormalizeConfig = NormalizeConfig()
     keys: KeysConfig = KeysConfig()
     jwt: JwtConfig | None = None
+    introspection: IntrospectionConfig | None = None
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)
@@ -157,6 +159,8 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
             errors.append(f"{at}: no auth requirement; add 'auth: [api_key]' or mark it 'public: true'")
         if "jwt" in r.auth and cfg.jwt is None:
             errors.append(f"{at}.auth: 'jwt' needs a top-level 'jwt:' section with trusted issuers")
+        if "introspection" in r.auth and cfg.introspection is None:
+            errors.append(f"{at}.auth: 'introspection' needs a top-level 'introspection:' section")
         if r.tenant_param is not None and r.tenant_param not in params:
             errors.append(f"{at}.tenant_param: {r.tenant_param!r} is not a parameter of {r.path!r}")
         if r.upstream_path is not None:

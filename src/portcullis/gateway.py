@@ -14,6 +14,7 @@ from portcullis.audit.sqlite import SqliteAuditStore
 from portcullis.audit.writer import AuditWriter
 from portcullis.config import LoadedConfig
 from portcullis.credentials.apikeys import KeyHasher
+from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtVerifier
 from portcullis.netutil import TrustedProxies
 from portcullis.observe import Metrics, MetricsStage
@@ -136,6 +137,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
     jwt = JwtVerifier(cfg.jwt) if cfg.jwt is not None else None
+    introspector = Introspector(cfg.introspection) if cfg.introspection is not None else None
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
@@ -143,7 +145,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),
         RouteStage(Router(list(cfg.routes))),
-        AuthenticateStage(keys, hasher, jwt=jwt),
+        AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header),
@@ -153,6 +155,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     metrics.info.labels(version=_version()).set(1)
 
     async def start() -> None:
+        if introspector is not None:
+            introspector.open()  # reads the client secret: fails start-up when it is missing
         for u in upstreams.values():
             u.open()
         keys.start()
@@ -164,6 +168,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
 
     async def stop() -> None:
         await keys.stop()
+        if introspector is not None:
+            await introspector.close()
         for u in upstreams.values():
             await u.close()
         # close() flushes and may wait (up to its timeout): off the event loop.

@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 from portcullis.credentials import apikeys
+from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
 from portcullis.exchange import Exchange, Principal
 from portcullis.problems import Problem, bearer_challenge
@@ -110,11 +111,13 @@ class AuthenticateStage:
     name: ClassVar[str] = "authenticate"
 
     def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher,
-                 clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None) -> None:
+                 clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None,
+                 introspector: Introspector | None = None) -> None:
         self._keys = keys
         self._hasher = hasher
         self._clock = clock
         self._jwt = jwt
+        self._introspector = introspector
 
     @staticmethod
     def _presented(ex: Exchange) -> tuple[bytes, bool] | Problem | None:
@@ -153,8 +156,14 @@ class AuthenticateStage:
                            headers=[bearer_challenge()])
         presented, bearer = found
         methods = route.config.auth
-        if bearer and not presented.startswith(b"pcl_") and "jwt" in methods and self._jwt is not None:
-            return await self._jwt_principal(ex, presented)
+        if bearer and not presented.startswith(b"pcl_"):
+            # A JWT has exactly two dots; anything else is an opaque token (RFC 7662).
+            if presented.count(b".") == 2 and "jwt" in methods and self._jwt is not None:
+                return await self._token_principal(ex, presented, self._jwt.verify)
+            if "introspection" in methods and self._introspector is not None:
+                return await self._token_principal(ex, presented, self._introspector.verify)
+            if "jwt" in methods and self._jwt is not None:
+                return await self._token_principal(ex, presented, self._jwt.verify)
         if "api_key" not in methods:
             return _invalid("auth.method_not_allowed")
         if len(presented) > MAX_CREDENTIAL_LEN:
@@ -189,12 +198,12 @@ class AuthenticateStage:
         )
         return None
 
-    async def _jwt_principal(self, ex: Exchange, token: bytes) -> Problem | None:
-        assert self._jwt is not None
+    async def _token_principal(self, ex: Exchange, token: bytes,
+                               verify: Callable[[bytes], Awaitable[Principal]]) -> Problem | None:
         try:
-            principal = await self._jwt.verify(token)
+            principal = await verify(token)
         except JwtRefusal as refusal:
-            if refusal.reason == "jwt.jwks_unavailable":
+            if refusal.reason in ("jwt.jwks_unavailable", "introspection.unavailable"):
                 # Fail closed, but say it is our side: the issuer's keys cannot be had.
                 return Problem(503, "service-unavailable", refusal.reason,
                                "Access tokens cannot be verified right now; retry shortly.",

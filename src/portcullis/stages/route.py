@@ -22,6 +22,7 @@ from portcullis.problems import Problem
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _LITERAL = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@%]+$")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+AUTH_METHODS = ("api_key", "jwt", "introspection")
 
 
 class RouteConfig(BaseModel):
@@ -70,8 +71,8 @@ class RouteConfig(BaseModel):
     @classmethod
     def _auth(cls, v: list[str]) -> list[str]:
         for m in v:
-            if m not in ("api_key", "jwt"):
-                raise ValueError(f"unknown auth method {m!r}; expected 'api_key' or 'jwt'")
+            if m not in AUTH_METHODS:
+                raise ValueError(f"unknown auth method {m!r}; expected one of {', '.join(AUTH_METHODS)}")
         if len(set(v)) != len(v):
             raise ValueError("duplicate auth method")
         return v
