@@ -14,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from portcullis.exchange import Exchange, Receive, Send
+from portcullis.exchange import Exchange, Headers, Receive, Send
 from portcullis.pipeline import Pipeline
 from portcullis.problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -49,6 +49,8 @@ class GatewayApp:
         self._rid_header = request_id_header
         self.request_id_header = request_id_header
         self._new_id = RequestIds()
+        # Added to every response (e.g. Strict-Transport-Security when TLS ends here).
+        self.static_headers: Headers = []
         self.startup_hooks: list[Hook] = []
         self.shutdown_hooks: list[Hook] = []
 
@@ -147,6 +149,7 @@ class GatewayApp:
             (self._rid_header, ex.request_id.encode()),
             *ex.response_headers,
             *problem.headers,
+            *self.static_headers,
         ]
         await send({"type": "http.response.start", "status": problem.status, "headers": headers})
         await send({"type": "http.response.body", "body": body if ex.method != "HEAD" else b""})
@@ -161,7 +164,8 @@ class GatewayApp:
             for on_response in self._response_stages:
                 await on_response(ex)
             ex.status = up.status
-            headers = [*up.headers, *ex.response_headers, (self._rid_header, ex.request_id.encode())]
+            headers = [*up.headers, *ex.response_headers, (self._rid_header, ex.request_id.encode()),
+                       *self.static_headers]
             await send({"type": "http.response.start", "status": up.status, "headers": headers})
             expected = _content_length(up.headers)
             done = False

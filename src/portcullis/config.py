@@ -22,6 +22,7 @@ from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
 from portcullis.stages.route import RouteConfig, parse_template
+from portcullis.tls import TlsConfig
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -45,6 +46,7 @@ class ServerConfig(BaseModel):
     metrics: MetricsListenConfig | None = MetricsListenConfig()
     shutdown_grace_seconds: int = Field(default=10, ge=1, le=600)
     keep_alive_seconds: int = Field(default=5, ge=1, le=300)
+    tls: TlsConfig | None = None
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
 
 

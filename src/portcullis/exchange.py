@@ -28,6 +28,10 @@ class Principal:
     client_id: str | None = None
     # Per-credential rate limit override: (requests, per_seconds, burst).
     rate_limit: tuple[int, float, int] | None = None
+    # Sender constraint from the token's `cnf` (RFC 7800): a DPoP key thumbprint
+    # (RFC 9449 §6) or a client-certificate thumbprint (RFC 8705 §3.1).
+    cnf_jkt: str | None = None
+    cnf_x5t: str | None = None
 
 
 @dataclass(slots=True)

@@ -145,13 +145,17 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),
         RouteStage(Router(list(cfg.routes))),
-        AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector),
+        AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector, trusted=trusted,
+                          client_cert_header=cfg.normalize.client_cert_header),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
-        ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header),
+        ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header,
+                   extra_drop=(cfg.normalize.client_cert_header,) if cfg.normalize.client_cert_header else ()),
     ]
     completions: list[CompletionStage] = [record, MetricsStage(metrics)]
     app = GatewayApp(Pipeline(stages, completions), rid_header)
+    if cfg.server.tls is not None and cfg.server.tls.hsts_max_age_seconds:
+        app.static_headers.append((b"strict-transport-security", cfg.server.tls.hsts()))
     metrics.info.labels(version=_version()).set(1)
 
     async def start() -> None:

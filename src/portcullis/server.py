@@ -7,11 +7,13 @@ the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from prometheus_client import start_http_server
@@ -21,6 +23,7 @@ from portcullis.app import GatewayApp
 from portcullis.config import LoadedConfig
 from portcullis.gateway import Gateway, build_gateway
 from portcullis.problems import PROBLEM_CONTENT_TYPE
+from portcullis.tls import server_context, tls_extension
 
 log = logging.getLogger("portcullis.server")
 
@@ -34,6 +37,18 @@ def audited_http_protocol(app: GatewayApp, rid_header: bytes) -> type[HttpToolsP
     RFC 9457 problem instead of uvicorn's plain-text 400."""
 
     class PortcullisHttpProtocol(HttpToolsProtocol):
+        _tls: dict[str, Any] | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._tls = tls_extension(transport)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._tls is not None:
+                # The ASGI TLS extension: the client certificate for RFC 8705 binding checks.
+                self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
+
         def send_400_response(self, msg: str) -> None:
             peer = self.client[0] if self.client else "0.0.0.0"  # noqa: S104 - an address, not a bind
             rid, body = app.refuse_malformed(peer)
@@ -50,6 +65,7 @@ def audited_http_protocol(app: GatewayApp, rid_header: bytes) -> type[HttpToolsP
 def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> uvicorn.Server:
     """A uvicorn server for `gw`: our own proxy-header handling (never uvicorn's), no access log."""
     srv = loaded.config.server
+    tls = srv.tls.resolve(loaded.path.parent if loaded.path else None) if srv.tls else None
     config = uvicorn.Config(
         gw.app,
         host=host or srv.listen.host,
@@ -64,6 +80,7 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
         timeout_graceful_shutdown=srv.shutdown_grace_seconds,
         timeout_keep_alive=srv.keep_alive_seconds,
         ws="none",
+        ssl_context_factory=(lambda _cfg, _default: server_context(tls)) if tls else None,
     )
     return uvicorn.Server(config)
 

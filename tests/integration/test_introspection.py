@@ -79,7 +79,8 @@ def ienv(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> 
         "other-aud": {"active": True, "sub": "u1", "tenant": "acme", "scope": "projects:read", "exp": now + 300,
                       "iss": "https://as.example", "aud": "elsewhere"},
         "bound-token": {"active": True, "sub": "u1", "tenant": "acme", "scope": "projects:read", "exp": now + 300,
-                        "iss": "https://as.example", "aud": "api", "cnf": {"jkt": "abc"}},
+                        "iss": "https://as.example", "aud": "api",
+                        "cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}},
         "string-active": {"active": "true", "sub": "u1", "tenant": "acme", "iss": "https://as.example", "aud": "api"},
     })
     data_dir = tmp_path_factory.mktemp("introspect")
@@ -120,7 +121,7 @@ def test_active_token_is_admitted_and_cached(ienv: Env) -> None:
     ("string-active", "introspection.inactive"),   # "true" is not the boolean true
     ("old-token", "introspection.expired"),
     ("other-aud", "introspection.bad_audience"),
-    ("bound-token", "introspection.sender_constrained"),
+    ("bound-token", "auth.dpop_required"),
     ("x" * 5000, "introspection.malformed"),
 ])
 def test_refused_opaque_tokens(ienv: Env, token: str, reason: str) -> None:

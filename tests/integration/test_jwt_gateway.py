@@ -79,7 +79,8 @@ def test_scp_array_and_tenant_binding(jenv: JwtEnv) -> None:
     ({"exp": int(time.time()) - 120}, "jwt.expired"),
     ({"aud": "https://elsewhere.example"}, "jwt.bad_audience"),
     ({"nonce": "abc"}, "jwt.id_token"),
-    ({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}, "jwt.sender_constrained"),
+    ({"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}, "auth.dpop_required"),
+    ({"cnf": {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}, "auth.cert_required"),
     ({"tenant": None}, "jwt.missing_tenant"),
 ])
 def test_refused_tokens_are_401_problems_with_audit_reasons(jenv: JwtEnv, claims: dict[str, object],

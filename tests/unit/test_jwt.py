@@ -223,13 +223,24 @@ async def test_unknown_crit() -> None:
     (claims(aud=None), "jwt.bad_audience"),
     (claims(nonce="n-1"), "jwt.id_token"),                  # an ID token used as an access token
     (claims(at_hash="abc"), "jwt.id_token"),
-    (claims(cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}), "jwt.sender_constrained"),
-    (claims(cnf={"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}), "jwt.sender_constrained"),
+    (claims(cnf="jkt"), "jwt.malformed"),                    # cnf present but unusable: never ignored
+    (claims(cnf={"jkt": 42}), "jwt.malformed"),
+    (claims(cnf={"jwk": {"kty": "EC"}}), "jwt.unsupported_cnf"),
     (claims(sub=None), "jwt.missing_sub"),
     (claims(tenant=None), "jwt.missing_tenant"),
 ])
 async def test_claims(body: dict[str, Any], reason: str) -> None:
     assert await refused(verifier(), sign(RSA, "RS256", body)) == reason
+
+
+async def test_confirmation_claims_reach_the_principal() -> None:
+    """Binding is enforced by the authenticate stage (DPoP proof / client certificate)."""
+    jkt = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+    x5t = "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"
+    p = await verifier().verify(sign(RSA, "RS256", claims(cnf={"jkt": jkt})))
+    assert (p.cnf_jkt, p.cnf_x5t) == (jkt, None)
+    p = await verifier().verify(sign(RSA, "RS256", claims(cnf={"x5t#S256": x5t}, jti="t-2")))
+    assert (p.cnf_jkt, p.cnf_x5t) == (None, x5t)
 
 
 async def test_expiry_leeway_is_explicit() -> None:

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from portcullis.credentials.jwt import JwtRefusal
+from portcullis.credentials.jwt import JwtRefusal, confirmation
 from portcullis.exchange import Principal
 from portcullis.upstream_client import Pool, PoolConfig, UpstreamError
 
@@ -191,10 +191,7 @@ class Introspector:
             auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
             if cfg.audience not in auds:
                 raise JwtRefusal("introspection.bad_audience")
-        cnf = doc.get("cnf")
-        if isinstance(cnf, dict) and ("jkt" in cnf or "x5t#S256" in cnf):
-            raise JwtRefusal("introspection.sender_constrained",
-                             "This token must be presented with proof of possession.")
+        jkt, x5t = confirmation(doc.get("cnf"), "introspection")
         sub = doc.get("sub")
         tenant = doc.get(cfg.tenant_claim)
         if not isinstance(sub, str) or not sub:
@@ -211,7 +208,7 @@ class Introspector:
             subject=sub, tenant=tenant,
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="opaque", scopes=scopes, roles=roles,
-            client_id=client if isinstance(client, str) else None,
+            client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
         )
         until = now + cfg.cache_seconds
         if isinstance(exp, (int, float)):

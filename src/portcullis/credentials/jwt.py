@@ -419,10 +419,6 @@ class JwtVerifier:
             raise JwtRefusal("jwt.bad_audience")
         if "nonce" in claims or "at_hash" in claims:
             raise JwtRefusal("jwt.id_token")  # an ID token is not an access token
-        cnf = claims.get("cnf")
-        if isinstance(cnf, dict) and ("jkt" in cnf or "x5t#S256" in cnf):
-            # Sender-constrained: usable only with proof of possession (DPoP / mTLS).
-            raise JwtRefusal("jwt.sender_constrained", "This token must be presented with proof of possession.")
         return float(exp)
 
     @staticmethod
@@ -445,12 +441,32 @@ class JwtVerifier:
         roles = frozenset(r for r in roles_raw if isinstance(r, str)) if isinstance(roles_raw, list) else frozenset()
         client = claims.get("client_id", claims.get("azp"))
         jti = claims.get("jti")
+        jkt, x5t = confirmation(claims.get("cnf"), "jwt")
         return Principal(
             subject=sub, tenant=tenant,
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="jwt", scopes=scopes, roles=roles,
-            client_id=client if isinstance(client, str) else None,
+            client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
         )
+
+
+def confirmation(cnf: object, prefix: str) -> tuple[str | None, str | None]:
+    """The `cnf` (RFC 7800 §3.1) DPoP key and certificate thumbprints; the stage enforces them.
+
+    A `cnf` that is present but unusable is refused, never ignored: ignoring it would
+    turn a sender-constrained token into a bearer token.
+    """
+    if cnf is None:
+        return None, None
+    if not isinstance(cnf, dict):
+        raise JwtRefusal(f"{prefix}.malformed")
+    jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+    for v in (jkt, x5t):
+        if v is not None and (not isinstance(v, str) or not 20 <= len(v) <= 128):
+            raise JwtRefusal(f"{prefix}.malformed")
+    if jkt is None and x5t is None:
+        raise JwtRefusal(f"{prefix}.unsupported_cnf")
+    return jkt, x5t
 
 
 def _is_number(v: object) -> bool:

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
+from urllib.parse import unquote
 
 from portcullis.credentials import apikeys
 from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
 from portcullis.exchange import Exchange, Principal
+from portcullis.netutil import TrustedProxies
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.storage.protocols import ApiKeyRecord, KeyStore, RevocationStore
+from portcullis.tls import cert_thumbprint
 
 log = logging.getLogger("portcullis.keys")
 # A key is 51 characters; anything much longer is refused before any work.
@@ -110,9 +115,12 @@ class AuthenticateStage:
 
     name: ClassVar[str] = "authenticate"
 
-    def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher,
+    def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher, *,
                  clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None,
-                 introspector: Introspector | None = None) -> None:
+                 introspector: Introspector | None = None, trusted: TrustedProxies | None = None,
+                 client_cert_header: str | None = None) -> None:
+        self._trusted = trusted
+        self._cert_header = client_cert_header.encode() if client_cert_header else None
         self._keys = keys
         self._hasher = hasher
         self._clock = clock
@@ -214,5 +222,33 @@ class AuthenticateStage:
         revoked = self._keys.revoked(principal)
         if revoked is not None:
             return _invalid(revoked)
+        if principal.cnf_x5t is not None:
+            # RFC 8705 §3: a certificate-bound token is valid only with that certificate.
+            der = self._client_cert(ex)
+            if der is None:
+                return _invalid("auth.cert_required", "This token must be presented over mutual TLS.")
+            if not hmac.compare_digest(cert_thumbprint(der), principal.cnf_x5t):
+                return _invalid("auth.cert_mismatch")
+        if principal.cnf_jkt is not None:
+            # RFC 9449 §7.1: a DPoP-bound token presented as a Bearer token is refused.
+            return _invalid("auth.dpop_required", "This token must be presented with a DPoP proof.")
         ex.principal = principal
         return None
+
+    def _client_cert(self, ex: Exchange) -> bytes | None:
+        """The client certificate (DER): from our own TLS connection, or from a trusted
+        TLS-terminating proxy's header (never from anyone else)."""
+        tls = ex.scope.get("extensions", {}).get("tls")
+        if tls is not None and tls.get("client_cert_der"):
+            return bytes(tls["client_cert_der"])
+        if self._cert_header is None or self._trusted is None:
+            return None
+        if not self._trusted.is_trusted(ex.facts.get("peer", "")):
+            return None
+        values = [v for k, v in ex.headers if k == self._cert_header]
+        if len(values) != 1 or len(values[0]) > 16384:
+            return None
+        try:
+            return ssl.PEM_cert_to_DER_cert(unquote(values[0].decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            return None

@@ -107,6 +107,9 @@ class NormalizeConfig(BaseModel):
     #: Proxies (CIDRs or addresses) whose X-Forwarded-For and request id are believed.
     trusted_proxies: list[str] = Field(default_factory=list)
     request_id_header: str = "x-request-id"
+    # A TLS-terminating proxy's header carrying the client certificate (URL-encoded PEM,
+    # as nginx's $ssl_client_escaped_cert); believed only from `trusted_proxies`.
+    client_cert_header: str | None = None
 
     @field_validator("allowed_methods")
     @classmethod
@@ -125,9 +128,11 @@ class NormalizeConfig(BaseModel):
             parse_network(n)  # raises ValueError naming `n`
         return networks
 
-    @field_validator("request_id_header")
+    @field_validator("request_id_header", "client_cert_header")
     @classmethod
-    def _header_is_token(cls, name: str) -> str:
+    def _header_is_token(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
         if not _TOKEN.fullmatch(name):
             raise ValueError(f"{name!r} is not a valid header name (RFC 9110 §5.1)")
         return name.lower()  # ASGI lower-cases header names

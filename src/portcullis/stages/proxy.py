@@ -126,14 +126,15 @@ class ProxyStage:
     name: ClassVar[str] = "proxy"
 
     def __init__(self, upstreams: dict[str, Upstream], trusted: TrustedProxies, max_body_bytes: int,
-                 request_id_header: bytes = b"x-request-id") -> None:
+                 request_id_header: bytes = b"x-request-id", extra_drop: tuple[str, ...] = ()) -> None:
         self._upstreams = upstreams
         self._trusted = trusted
         self._max_body = max_body_bytes
         # The incoming request-id header (whatever its configured name) is replaced by
         # the id the gateway settled on, so an untrusted client cannot choose it upstream.
         self._rid = request_id_header
-        self._drop = _REQUEST_DROP | {request_id_header}
+        # Plus gateway-only headers such as a proxy's client-certificate header.
+        self._drop = _REQUEST_DROP | {request_id_header} | {h.encode() for h in extra_drop}
 
     def _forward_headers(self, ex: Exchange, up: Upstream, strip_credentials: bool) -> Headers:
         peer: str = ex.facts.get("peer", ex.client_ip)
