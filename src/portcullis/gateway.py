@@ -16,6 +16,7 @@ from portcullis.config import LoadedConfig
 from portcullis.credentials.apikeys import KeyHasher
 from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtVerifier
+from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
 from portcullis.netutil import TrustedProxies
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
@@ -56,9 +57,31 @@ class DataPaths:
     def audit_key(self) -> Path:
         return self.secrets_dir / "audit-ed25519.pem"
 
+    @property
+    def dpop_nonce_key(self) -> Path:
+        return self.secrets_dir / "dpop-nonce-key"
+
 
 class SecretsError(Exception):
     """A secret the data directory needs is missing or unusable; the message says what to do."""
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """32 random bytes kept in `path` (0600); losing them only invalidates short-lived state."""
+    if path.exists():
+        data = path.read_bytes()
+        if len(data) >= 32:
+            return data
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return data
 
 
 def load_or_create_pepper(path: Path, *, may_create: bool = True) -> bytes:
@@ -138,6 +161,13 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
     jwt = JwtVerifier(cfg.jwt) if cfg.jwt is not None else None
     introspector = Introspector(cfg.introspection) if cfg.introspection is not None else None
+    dpop_nonces = dpop = None
+    if cfg.dpop is not None:
+        # Nonces are HMACs under a per-data-directory secret: processes sharing the
+        # directory accept each other's nonces (RFC 9449 §8).
+        dpop_nonces = DpopNonces(load_or_create_secret(DataPaths(data_dir).dpop_nonce_key),
+                                 cfg.dpop.nonce_lifetime_seconds)
+        dpop = DpopVerifier(cfg.dpop, nonces=dpop_nonces)
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
@@ -146,7 +176,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         NormalizeStage(cfg.normalize, trusted),
         RouteStage(Router(list(cfg.routes))),
         AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector, trusted=trusted,
-                          client_cert_header=cfg.normalize.client_cert_header),
+                          client_cert_header=cfg.normalize.client_cert_header, dpop=dpop, dpop_nonces=dpop_nonces),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header,

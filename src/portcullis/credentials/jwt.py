@@ -125,7 +125,7 @@ class JwtRefusal(Exception):
 _TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
-def _b64decode(segment: bytes) -> bytes:
+def b64decode(segment: bytes) -> bytes:
     """base64url without padding (RFC 7515 §2); ValueError on anything else."""
     if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise ValueError("not base64url")
@@ -139,7 +139,7 @@ def _b64json(segment: bytes) -> dict[str, Any]:
     if not segment:
         raise JwtRefusal("jwt.malformed")
     try:
-        doc = json.loads(_b64decode(segment).decode("utf-8"))
+        doc = json.loads(b64decode(segment).decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise JwtRefusal("jwt.malformed") from None
     if not isinstance(doc, dict):
@@ -153,7 +153,7 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 # RFC 7518 §3.1 (and RFC 8037 §3.1, RFC 9864 for Ed25519): what each `alg` means.
 _HASH: dict[str, type[hashes.HashAlgorithm]] = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _EC_CURVE = {"ES256": ("secp256r1", 32), "ES384": ("secp384r1", 48), "ES512": ("secp521r1", 66)}
-_MIN_RSA_BITS = 2048  # RFC 7518 §3.3
+MIN_RSA_BITS = 2048  # RFC 7518 §3.3
 
 
 def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes) -> bool:
@@ -220,7 +220,7 @@ def import_keys(doc: Any) -> IssuerKeys:
         return IssuerKeys(by_kid)
     for jwk in KeySet.import_key_set({"keys": usable}).keys:
         pub = jwk.get_op_key("verify")
-        if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < _MIN_RSA_BITS:
+        if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < MIN_RSA_BITS:
             continue
         if isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
             by_kid.setdefault(jwk.kid, []).append(pub)
@@ -361,7 +361,7 @@ class JwtVerifier:
             raise JwtRefusal("jwt.malformed")
         keys = await source.key_for(kid)
         try:
-            sig = _b64decode(parts[2])
+            sig = b64decode(parts[2])
         except ValueError:
             raise JwtRefusal("jwt.malformed") from None
         signing_input = parts[0] + b"." + parts[1]

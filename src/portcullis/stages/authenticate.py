@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from portcullis.credentials import apikeys
 from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
+from portcullis.credentials.rfc9449 import DpopNonces, DpopRefusal, DpopVerifier, proof_from_headers
 from portcullis.exchange import Exchange, Principal
 from portcullis.netutil import TrustedProxies
 from portcullis.problems import Problem, bearer_challenge
@@ -118,7 +119,10 @@ class AuthenticateStage:
     def __init__(self, keys: KeyCache, hasher: apikeys.KeyHasher, *,
                  clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None,
                  introspector: Introspector | None = None, trusted: TrustedProxies | None = None,
-                 client_cert_header: str | None = None) -> None:
+                 client_cert_header: str | None = None, dpop: DpopVerifier | None = None,
+                 dpop_nonces: DpopNonces | None = None) -> None:
+        self._dpop = dpop
+        self._dpop_nonces = dpop_nonces
         self._trusted = trusted
         self._cert_header = client_cert_header.encode() if client_cert_header else None
         self._keys = keys
@@ -128,8 +132,8 @@ class AuthenticateStage:
         self._introspector = introspector
 
     @staticmethod
-    def _presented(ex: Exchange) -> tuple[bytes, bool] | Problem | None:
-        """The credential and whether it came as a Bearer token (JWTs come only that way)."""
+    def _presented(ex: Exchange) -> tuple[bytes, str] | Problem | None:
+        """The credential and how it came: ``bearer``, ``dpop`` (RFC 9449 §7.1) or ``x-api-key``."""
         auth: list[bytes] = []
         xkey: list[bytes] = []
         for k, v in ex.headers:
@@ -143,13 +147,14 @@ class AuthenticateStage:
                            "Present exactly one credential.",
                            headers=[bearer_challenge("invalid_request")])
         if xkey:
-            return xkey[0].strip(), False
+            return xkey[0].strip(), "x-api-key"
         if auth:
             scheme, _, token = auth[0].strip().partition(b" ")
-            if scheme.lower() != b"bearer":
+            kind = scheme.lower()
+            if kind not in (b"bearer", b"dpop"):
                 return Problem(401, "unauthenticated", "auth.unsupported_scheme",
-                               "Use the Bearer scheme.", headers=[bearer_challenge()])
-            return token.strip(), True
+                               "Use the Bearer or DPoP scheme.", headers=[bearer_challenge()])
+            return token.strip(), kind.decode()
         return None
 
     async def on_request(self, ex: Exchange) -> Problem | None:
@@ -162,9 +167,13 @@ class AuthenticateStage:
         if found is None or not found[0]:
             return Problem(401, "unauthenticated", "auth.missing", "This route requires a credential.",
                            headers=[bearer_challenge()])
-        presented, bearer = found
+        presented, how = found
         methods = route.config.auth
-        if bearer and not presented.startswith(b"pcl_"):
+        if how == "dpop" and self._dpop is None:
+            return Problem(401, "unauthenticated", "auth.unsupported_scheme", "Use the Bearer scheme.",
+                           headers=[bearer_challenge()])
+        if how in ("bearer", "dpop") and not presented.startswith(b"pcl_"):
+            ex.facts["dpop"] = how == "dpop"
             # A JWT has exactly two dots; anything else is an opaque token (RFC 7662).
             if presented.count(b".") == 2 and "jwt" in methods and self._jwt is not None:
                 return await self._token_principal(ex, presented, self._jwt.verify)
@@ -172,6 +181,8 @@ class AuthenticateStage:
                 return await self._token_principal(ex, presented, self._introspector.verify)
             if "jwt" in methods and self._jwt is not None:
                 return await self._token_principal(ex, presented, self._jwt.verify)
+        if how == "dpop":
+            return _invalid("auth.dpop_not_for_api_keys")
         if "api_key" not in methods:
             return _invalid("auth.method_not_allowed")
         if len(presented) > MAX_CREDENTIAL_LEN:
@@ -229,11 +240,45 @@ class AuthenticateStage:
                 return _invalid("auth.cert_required", "This token must be presented over mutual TLS.")
             if not hmac.compare_digest(cert_thumbprint(der), principal.cnf_x5t):
                 return _invalid("auth.cert_mismatch")
-        if principal.cnf_jkt is not None:
+        if ex.facts.get("dpop"):
+            problem = self._check_dpop(ex, token, principal)
+            if problem is not None:
+                return problem
+        elif principal.cnf_jkt is not None:
             # RFC 9449 §7.1: a DPoP-bound token presented as a Bearer token is refused.
             return _invalid("auth.dpop_required", "This token must be presented with a DPoP proof.")
         ex.principal = principal
         return None
+
+    def _check_dpop(self, ex: Exchange, token: bytes, principal: Principal) -> Problem | None:
+        """RFC 9449 §7.1: a DPoP-bound token and a valid proof of its key for this request."""
+        assert self._dpop is not None
+        if principal.cnf_jkt is None:
+            return self._dpop_problem("auth.dpop_unbound_token", "invalid_token",
+                                      "The access token is not DPoP-bound.")
+        try:
+            proof = proof_from_headers(ex.headers)
+            self._dpop.verify(proof, method=ex.method, url=self._request_url(ex), access_token=token,
+                              expected_jkt=principal.cnf_jkt)
+        except DpopRefusal as refusal:
+            return self._dpop_problem(refusal.reason, refusal.error, refusal.detail, refusal.use_dpop_nonce)
+        return None
+
+    def _dpop_problem(self, reason: str, error: str, detail: str, nonce: bool = False) -> Problem:
+        assert self._dpop is not None
+        headers = [self._dpop.challenge(error, detail.rstrip("."))]
+        if nonce and self._dpop_nonces is not None:
+            headers.append(self._dpop_nonces.header())  # §8: a fresh nonce to retry with
+        return Problem(401, "invalid-credential", reason, detail, headers=headers)
+
+    def _request_url(self, ex: Exchange) -> str:
+        """The URL the client addressed (the DPoP `htu`): our scheme, or a trusted proxy's."""
+        scheme = str(ex.scope.get("scheme", "http"))
+        if self._trusted is not None and self._trusted.is_trusted(ex.facts.get("peer", "")):
+            proto = ex.header(b"x-forwarded-proto")
+            if proto in (b"http", b"https"):
+                scheme = proto.decode()
+        return f"{scheme}://{ex.host or 'localhost'}{ex.raw_path.decode('ascii')}"
 
     def _client_cert(self, ex: Exchange) -> bytes | None:
         """The client certificate (DER): from our own TLS connection, or from a trusted

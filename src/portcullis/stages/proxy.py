@@ -42,7 +42,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     b"forwarded", b"x-request-id", b"x-real-ip",
 }
-_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"dpop"})
 # Response fields not passed back: hop-by-hop ones, `date` (the gateway's server sets its
 # own; two would be invalid) and fields that only tell an attacker what runs upstream.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"x-powered-by"}
