@@ -41,8 +41,9 @@ class MemoryKeyStore:
         return True
 
     def revoke_tokens(self, record: RevocationRecord) -> bool:
-        if (record.kind, record.value) in self._revocations:
-            return False
+        old = self._revocations.get((record.kind, record.value))
+        if old is not None and (old.expires_at is None or old.expires_at > record.created_at):
+            return False  # still in force; a lapsed one may be made again
         self._revocations[(record.kind, record.value)] = record
         self._revision += 1
         return True

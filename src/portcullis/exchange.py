@@ -32,6 +32,9 @@ class Principal:
     # (RFC 9449 §6) or a client-certificate thumbprint (RFC 8705 §3.1).
     cnf_jkt: str | None = None
     cnf_x5t: str | None = None
+    # What per-credential rate limits count: the key id for API keys; for tokens the
+    # client (or subject) per issuer, so a fresh token does not get a fresh budget.
+    limit_key: str | None = None
 
 
 @dataclass(slots=True)

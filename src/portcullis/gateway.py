@@ -15,7 +15,7 @@ from portcullis.audit.writer import AuditWriter
 from portcullis.config import LoadedConfig
 from portcullis.credentials.apikeys import KeyHasher
 from portcullis.credentials.introspection import Introspector
-from portcullis.credentials.jwt import JwtVerifier
+from portcullis.credentials.jwt import JwtConfig, JwtVerifier
 from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
 from portcullis.netutil import TrustedProxies
 from portcullis.observe import Metrics, MetricsStage
@@ -136,6 +136,16 @@ def open_audit_store(data_dir: Path, *, writable: bool = True) -> SqliteAuditSto
     return SqliteAuditStore(paths.audit_db, signing_key=key, verify_key=key.public_key())
 
 
+def resolve_jwks_files(cfg: JwtConfig, config_path: Path | None) -> JwtConfig:
+    """`jwks_file` names relative to the config file's directory, like `data_dir`."""
+    if config_path is None:
+        return cfg
+    base = config_path.parent
+    issuers = [i.model_copy(update={"jwks_file": str((base / i.jwks_file).resolve())})
+               if i.jwks_file is not None and not Path(i.jwks_file).is_absolute() else i for i in cfg.issuers]
+    return cfg.model_copy(update={"issuers": issuers})
+
+
 @dataclass
 class Gateway:
     """Everything a served config needs, wired; `app` is the ASGI callable."""
@@ -159,7 +169,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds, revocations=key_store)
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
-    jwt = JwtVerifier(cfg.jwt) if cfg.jwt is not None else None
+    jwt = JwtVerifier(resolve_jwks_files(cfg.jwt, loaded.path)) if cfg.jwt is not None else None
     introspector = Introspector(cfg.introspection) if cfg.introspection is not None else None
     dpop_nonces = dpop = None
     if cfg.dpop is not None:

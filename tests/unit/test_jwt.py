@@ -3,9 +3,11 @@ attack suite, each case named after the attack or CVE it stands for."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +16,8 @@ from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
 from pydantic import ValidationError
 
-from portcullis.credentials.jwt import JwtConfig, JwtIssuerConfig, JwtRefusal, JwtVerifier
+from portcullis.credentials.jwt import JwtConfig, JwtIssuerConfig, JwtRefusal, JwtVerifier, safe_key_url
+from portcullis.gateway import resolve_jwks_files
 
 ISS = "https://issuer.example"
 AUD = "https://api.example"
@@ -324,3 +327,87 @@ def test_config_needs_exactly_one_key_source_and_https() -> None:
     with pytest.raises(ValidationError, match="https"):
         JwtIssuerConfig(issuer=ISS, jwks_uri="http://keys.example/jwks", audience=AUD)
 
+
+
+# --- review fixes: robustness of key loading and fetching ----------------------------
+
+async def test_one_bad_key_does_not_take_the_key_set_down() -> None:
+    issuer = Issuer(RSA)
+    doc = json.loads(issuer.doc)
+    doc["keys"].insert(0, {"kty": "EC", "crv": "P-999", "kid": "odd", "x": "AA", "y": "AA"})
+    issuer.doc = json.dumps(doc).encode()
+    assert (await verifier(issuer).verify(sign(RSA, "RS256"))).subject == "user-1"
+
+
+async def test_a_down_issuer_is_retried_at_most_once_per_interval() -> None:
+    clock = [NOW]
+    issuer = Issuer(RSA)
+    v = verifier(issuer, clock, jwks_ttl_seconds=60, jwks_min_refresh_seconds=30)
+    await v.verify(sign(RSA, "RS256", claims(jti="a")))
+    issuer.down = True
+    clock[0] += 120
+    for i in range(20):  # stale keys keep serving; fetches happen in the background, rarely
+        token = sign(RSA, "RS256", claims(jti=f"t{i}", exp=int(clock[0]) + 300))
+        assert (await v.verify(token)).subject == "user-1"
+        await asyncio.sleep(0)
+    assert issuer.fetches <= 2
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("https://issuer.example/jwks", True),
+    ("http://127.0.0.1:8080/jwks", True),
+    ("http://localhost/jwks", True),
+    ("http://[::1]:9000/jwks", True),
+    ("http://issuer.example/jwks", False),
+    ("http://localhost.evil.example/jwks", False),
+    ("http://127.0.0.1@evil.example/jwks", False),
+    ("https://user:pw@issuer.example/jwks", False),
+    ("ftp://issuer.example/jwks", False),
+    ("https://issuer.example:99999/jwks", False),
+])
+def test_key_urls_are_judged_on_the_parsed_url(url: str, ok: bool) -> None:
+    assert safe_key_url(url) is ok
+
+
+async def test_discovery_tries_oidc_then_rfc8414_with_the_path_after_the_host() -> None:
+    seen: list[str] = []
+    issuer_url = "https://issuer.example/tenant1"
+
+    def fetch(url: str) -> bytes:
+        seen.append(url)
+        if url == "https://issuer.example/.well-known/oauth-authorization-server/tenant1":
+            return json.dumps({"issuer": issuer_url, "jwks_uri": "https://issuer.example/keys"}).encode()
+        if url == "https://issuer.example/keys":
+            return jwks(RSA)
+        raise OSError("404")
+
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=issuer_url, discovery=True, audience=AUD)])
+    v = JwtVerifier(cfg, fetch=fetch, clock=lambda: NOW)
+    for cache in v.issuers.values():
+        cache._clock = lambda: NOW
+    assert (await v.verify(sign(RSA, "RS256", claims(iss=issuer_url)))).subject == "user-1"
+    assert seen[:2] == ["https://issuer.example/tenant1/.well-known/openid-configuration",
+                        "https://issuer.example/.well-known/oauth-authorization-server/tenant1"]
+
+
+async def test_discovered_jwks_uri_must_be_https_too() -> None:
+    def fetch(url: str) -> bytes:
+        if url.endswith("openid-configuration"):
+            return json.dumps({"issuer": ISS, "jwks_uri": "http://evil.example/keys"}).encode()
+        raise OSError("404")
+
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, discovery=True, audience=AUD)])
+    v = JwtVerifier(cfg, fetch=fetch, clock=lambda: NOW)
+    assert await refused(v, sign(RSA, "RS256")) == "jwt.jwks_unavailable"
+
+
+async def test_scp_as_a_string_and_the_rate_limit_key() -> None:
+    p = await verifier().verify(sign(RSA, "RS256", claims(scope=None, scp="a b")))
+    assert p.scopes == frozenset({"a", "b"})
+    assert p.limit_key == f"jwt:{ISS}:app-1"  # per client, not per token
+
+
+def test_relative_jwks_file_resolves_against_the_config(tmp_path: Path) -> None:
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, jwks_file="keys/jwks.json", audience=AUD)])
+    resolved = resolve_jwks_files(cfg, tmp_path / "gw.yaml")
+    assert resolved.issuers[0].jwks_file == str((tmp_path / "keys" / "jwks.json").resolve())

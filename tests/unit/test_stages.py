@@ -261,6 +261,8 @@ async def test_token_revocations_by_jti_subject_and_client() -> None:
     assert cache.revoked(bob) == "jwt.revoked_subject"
     assert cache.revoked(Principal("carol", "acme", "j3", "jwt", frozenset(), client_id="app-1")) == (
         "jwt.revoked_client")
-    now[0] += 61  # the subject revocation lapses
-    cache.load()
+    now[0] += 61  # the subject revocation lapses, without waiting for a reload
     assert cache.revoked(bob) is None
+    assert store.revoke_tokens(RevocationRecord("sub", "bob", now[0]))  # and may be made again
+    await cache.refresh_if_changed()
+    assert cache.revoked(bob) == "jwt.revoked_subject"

@@ -209,6 +209,7 @@ class Introspector:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="opaque", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
+            limit_key=f"opaque:{client if isinstance(client, str) else 'sub:' + sub}",
         )
         until = now + cfg.cache_seconds
         if isinstance(exp, (int, float)):

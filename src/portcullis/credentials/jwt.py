@@ -19,7 +19,8 @@ Verification is strict and in a fixed order; each refusal has its own audit reas
    `at_hash`) are refused as access tokens; a DPoP-bound token (`cnf.jkt`) presented as
    Bearer is refused (RFC 9449 §7.1).
 
-Verified tokens are cached by the SHA-256 of the token, bounded, never beyond `exp`.
+Verified tokens are cached by the SHA-256 of the token, bounded, never beyond `exp`
+plus the leeway.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -90,8 +92,7 @@ class JwtIssuerConfig(BaseModel):
         if sum(sources) != 1:
             raise ValueError("give exactly one key source: discovery: true, jwks_uri or jwks_file")
         for url in (self.jwks_uri, self.issuer if self.discovery else None):
-            if url is not None and not url.startswith(("https://", "http://127.0.0.1", "http://localhost",
-                                                       "http://[::1]")):
+            if url is not None and not safe_key_url(url):
                 raise ValueError(f"{url!r}: keys must be fetched over https (plain http only on loopback)")
         return self
 
@@ -148,6 +149,28 @@ def _b64json(segment: bytes) -> dict[str, Any]:
 
 
 Fetch = Callable[[str], bytes]
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def safe_key_url(url: str) -> bool:
+    """https, or plain http to a loopback host only; judged on the parsed URL, so
+    ``http://127.0.0.1@evil.example`` or ``http://localhost.evil.example`` do not pass."""
+    try:
+        u = urlsplit(url)
+        u.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    if u.username is not None or u.password is not None or not u.hostname:
+        return False
+    return u.scheme == "https" or (u.scheme == "http" and u.hostname in _LOOPBACK)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Key documents are fetched from the configured URL only: a redirect could lead
+    anywhere (another host, plain http), so it is an error, not followed."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 # RFC 7518 §3.1 (and RFC 8037 §3.1, RFC 9864 for Ed25519): what each `alg` means.
@@ -216,10 +239,14 @@ def import_keys(doc: Any) -> IssuerKeys:
     usable = [k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
               and "d" not in k and k.get("use", "sig") == "sig"]
     by_kid: dict[str | None, list[PublicKey]] = {}
-    if not usable:
-        return IssuerKeys(by_kid)
-    for jwk in KeySet.import_key_set({"keys": usable}).keys:
-        pub = jwk.get_op_key("verify")
+    for entry in usable:
+        try:
+            jwk = KeySet.import_key_set({"keys": [entry]}).keys[0]
+            pub = jwk.get_op_key("verify")
+        except (JoseError, ValueError, KeyError, TypeError) as exc:
+            # One odd key (unknown curve, bad encoding) must not take the others down.
+            log.warning("JWKS key %r skipped: %s", entry.get("kid"), type(exc).__name__)
+            continue
         if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < MIN_RSA_BITS:
             continue
         if isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
@@ -230,8 +257,11 @@ def import_keys(doc: Any) -> IssuerKeys:
 def http_fetch(url: str) -> bytes:
     """GET `url` (bounded size, 5 s timeout); raises OSError/ValueError on failure."""
     # The scheme is https (or http on loopback), checked by JwtIssuerConfig.
+    if not safe_key_url(url):
+        raise ValueError("refusing to fetch keys from a non-https URL")
     req = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "portcullis"})  # noqa: S310
-    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+    opener = urllib.request.build_opener(_NoRedirects)
+    with opener.open(req, timeout=5) as resp:
         data: bytes = resp.read(MAX_JWKS_BYTES + 1)
     if len(data) > MAX_JWKS_BYTES:
         raise ValueError("document too large")
@@ -252,21 +282,28 @@ class JwksCache:
         self._fetched_at = -1e18
         self._attempted_at = -1e18
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
         self.fetches = 0
 
     def _jwks_url(self) -> str:
         if self.cfg.jwks_uri is not None:
             return self.cfg.jwks_uri
-        base = self.cfg.issuer.rstrip("/")
-        # OIDC Discovery 1.0 §4, then RFC 8414 §3 as a fallback.
-        for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+        issuer = self.cfg.issuer
+        u = urlsplit(issuer)
+        path = u.path.rstrip("/")
+        # OIDC Discovery 1.0 §4.1 appends to the issuer; RFC 8414 §3.1 inserts the
+        # well-known segment between the host and the issuer's path.
+        candidates = (issuer.rstrip("/") + "/.well-known/openid-configuration",
+                      f"{u.scheme}://{u.netloc}/.well-known/oauth-authorization-server{path}")
+        for url in candidates:
             try:
-                meta = json.loads(self._fetch(base + path))
+                meta = json.loads(self._fetch(url))
             except (OSError, ValueError):
                 continue
-            if isinstance(meta, dict) and meta.get("issuer") == self.cfg.issuer and isinstance(
-                    meta.get("jwks_uri"), str):
-                return str(meta["jwks_uri"])  # RFC 8414 §3.3: issuer must match exactly
+            jwks_uri = meta.get("jwks_uri") if isinstance(meta, dict) else None
+            # RFC 8414 §3.3: the issuer in the metadata must match exactly.
+            if meta.get("issuer") == issuer and isinstance(jwks_uri, str) and safe_key_url(jwks_uri):
+                return jwks_uri
         raise ValueError("discovery failed")
 
     def _load(self) -> IssuerKeys:
@@ -282,7 +319,9 @@ class JwksCache:
     async def refresh(self, *, forced: bool) -> None:
         async with self._lock:
             now = self._clock()
-            if forced and now - self._attempted_at < self.cfg.jwks_min_refresh_seconds:
+            # At most one attempt per interval, forced or not: while the issuer is down
+            # requests must not queue up behind one fetch after another.
+            if now - self._attempted_at < self.cfg.jwks_min_refresh_seconds:
                 return
             if not forced and now - self._fetched_at < self.cfg.jwks_ttl_seconds:
                 return
@@ -296,8 +335,12 @@ class JwksCache:
                 log.warning("JWKS for %s unavailable: %s", self.cfg.issuer, type(exc).__name__)
 
     async def key_for(self, kid: str | None) -> list[PublicKey]:
-        if self.keys is None or self._clock() - self._fetched_at >= self.cfg.jwks_ttl_seconds:
+        if self.keys is None:
             await self.refresh(forced=False)
+        elif self._clock() - self._fetched_at >= self.cfg.jwks_ttl_seconds and (
+                self._background is None or self._background.done()):
+            # Stale keys keep serving while fresh ones are fetched off the request path.
+            self._background = asyncio.get_running_loop().create_task(self.refresh(forced=False))
         if self.keys is None:
             raise JwtRefusal("jwt.jwks_unavailable", "The token issuer's keys are unavailable.")
         if kid is not None and not self._has(kid):
@@ -435,6 +478,8 @@ class JwtVerifier:
             scopes = frozenset(scope.split())
         elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
             scopes = frozenset(scp)
+        elif isinstance(scp, str):  # some issuers (e.g. Microsoft Entra ID) send scp as a string
+            scopes = frozenset(scp.split())
         else:
             scopes = frozenset()
         roles_raw = claims.get(icfg.roles_claim)
@@ -447,6 +492,8 @@ class JwtVerifier:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="jwt", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
+            # Rate limits follow the client (or subject) across its tokens, per issuer.
+            limit_key=f"jwt:{icfg.issuer}:{client if isinstance(client, str) else 'sub:' + sub}",
         )
 
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +54,8 @@ class KeyCache:
         self._revocation_store = revocations
         self._clock = clock
         self._records: dict[str, ApiKeyRecord] = {}
-        self._revoked: dict[str, frozenset[str]] = {"jti": frozenset(), "sub": frozenset(), "client": frozenset()}
+        # kind -> value -> expiry (inf: never lapses); checked against the clock at lookup.
+        self._revoked: dict[str, dict[str, float]] = {"jti": {}, "sub": {}, "client": {}}
         self._revision = -1
         self._task: asyncio.Task[None] | None = None
 
@@ -62,18 +64,19 @@ class KeyCache:
         self._records = {r.key_id: r for r in self._store.list()}
         if self._revocation_store is not None:
             entries = self._revocation_store.revocations(self._clock())
-            self._revoked = {kind: frozenset(e.value for e in entries if e.kind == kind)
-                             for kind in ("jti", "sub", "client")}
+            self._revoked = {kind: {e.value: e.expires_at if e.expires_at is not None else math.inf
+                                    for e in entries if e.kind == kind} for kind in ("jti", "sub", "client")}
         self._revision = rev
 
     def revoked(self, p: Principal) -> str | None:
         """The audit reason if `p`'s token, subject or client is revoked, else None."""
         r = self._revoked
-        if p.credential_id in r["jti"]:
+        now = self._clock()
+        if r["jti"].get(p.credential_id, 0.0) > now:
             return "jwt.revoked_token"
-        if p.subject in r["sub"]:
+        if r["sub"].get(p.subject, 0.0) > now:
             return "jwt.revoked_subject"
-        if p.client_id is not None and p.client_id in r["client"]:
+        if p.client_id is not None and r["client"].get(p.client_id, 0.0) > now:
             return "jwt.revoked_client"
         return None
 

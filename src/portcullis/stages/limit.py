@@ -62,7 +62,7 @@ class LimitStage:
         if name is not None:
             cfg, spec = self._policies[name]
             if cfg.key == "credential" and p is not None:
-                subject = "c:" + p.credential_id
+                subject = "c:" + (p.limit_key or p.credential_id)
             elif cfg.key == "tenant" and p is not None:
                 subject = "t:" + p.tenant
             elif cfg.key == "route":
@@ -74,7 +74,7 @@ class LimitStage:
         if p is not None:
             own = RateLimitSpec(*p.rate_limit) if p.rate_limit else self._credential_default
             if own is not None:
-                keys.append("credential|" + p.credential_id)
+                keys.append("credential|" + (p.limit_key or p.credential_id))
                 results.append(("credential", own, self._limiter.check(keys[-1], own, now)))
         if not results:
             return None

@@ -138,8 +138,13 @@ class SqliteKeyStore:
         return True
 
     def revoke_tokens(self, record: RevocationRecord) -> bool:
+        t = revocations_table.c
         try:
             with self._engine.begin() as conn:
+                # A lapsed revocation of the same token may be made again.
+                conn.execute(revocations_table.delete().where(
+                    t.kind == record.kind, t.value == record.value, t.expires_at.is_not(None),
+                    t.expires_at <= record.created_at))
                 conn.execute(revocations_table.insert().values(
                     kind=record.kind, value=record.value, created_at=record.created_at,
                     expires_at=record.expires_at, reason=record.reason,
