@@ -161,8 +161,15 @@ class GatewayApp:
                                                  "The gateway failed to handle this request."), send)
             return
         try:
-            for on_response in self._response_stages:
-                await on_response(ex)
+            try:
+                for on_response in self._response_stages:
+                    await on_response(ex)
+            except Exception as exc:
+                log.error("response stage failed: %s (request %s)", type(exc).__name__, ex.request_id)
+                await self._send_problem(ex, Problem(502, "bad-gateway", "upstream.response_refused",
+                                                     "The upstream answer could not be delivered."), send)
+                return
+            up = ex.upstream or up  # a response stage may have replaced it (e.g. to sign it)
             ex.status = up.status
             headers = [*up.headers, *ex.response_headers, (self._rid_header, ex.request_id.encode()),
                        *self.static_headers]

@@ -134,6 +134,8 @@ def keys_create(
     role: Annotated[list[str] | None, typer.Option("--role", help="A role (repeatable).")] = None,
     expires_in: Annotated[str | None, typer.Option(help="Lifetime, e.g. 90d or 12h.")] = None,
     rate_limit: Annotated[str | None, typer.Option(help="REQUESTS/PERIOD[:BURST], e.g. 60/1m:10.")] = None,
+    signing_key: Annotated[str | None, typer.Option(
+        help="Require RFC 9421 signatures by this key id (from the config's signatures.keys).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
@@ -154,7 +156,7 @@ def keys_create(
     d = _data_dir(config, data_dir)
     try:
         rec, key = create_key(d, name=name, tenant=tenant, scopes=scopes, roles=sorted(set(role or [])),
-                              expires_at=expires, rate_limit=rl)
+                              expires_at=expires, rate_limit=rl, signing_key_id=signing_key)
     except ValueError as exc:
         raise fail(str(exc)) from None
     if as_json:

@@ -23,6 +23,7 @@ from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
 from portcullis.stages.route import RouteConfig, parse_template
+from portcullis.stages.signature import SignaturesConfig
 from portcullis.tls import TlsConfig
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -80,6 +81,7 @@ class GatewayConfig(BaseModel):
     jwt: JwtConfig | None = None
     introspection: IntrospectionConfig | None = None
     dpop: DpopConfig | None = None
+    signatures: SignaturesConfig | None = None
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)
@@ -163,6 +165,10 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
             errors.append(f"{at}: no auth requirement; add 'auth: [api_key]' or mark it 'public: true'")
         if "jwt" in r.auth and cfg.jwt is None:
             errors.append(f"{at}.auth: 'jwt' needs a top-level 'jwt:' section with trusted issuers")
+        if r.require_signature and cfg.signatures is None:
+            errors.append(f"{at}.require_signature: needs a top-level 'signatures:' section with partner keys")
+        if r.sign_responses and (cfg.signatures is None or cfg.signatures.response_signing is None):
+            errors.append(f"{at}.sign_responses: needs 'signatures.response_signing' (the gateway's key)")
         if "introspection" in r.auth and cfg.introspection is None:
             errors.append(f"{at}.auth: 'introspection' needs a top-level 'introspection:' section")
         if r.tenant_param is not None and r.tenant_param not in params:

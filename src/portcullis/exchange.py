@@ -35,6 +35,8 @@ class Principal:
     # What per-credential rate limits count: the key id for API keys; for tokens the
     # client (or subject) per issuer, so a fresh token does not get a fresh budget.
     limit_key: str | None = None
+    # RFC 9421: the key this credential's requests must be signed with, if bound to one.
+    signing_key_id: str | None = None
 
 
 @dataclass(slots=True)

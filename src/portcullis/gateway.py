@@ -27,6 +27,7 @@ from portcullis.stages.normalize import NormalizeStage
 from portcullis.stages.proxy import ProxyStage, Upstream
 from portcullis.stages.record import RecordStage
 from portcullis.stages.route import Router, RouteStage
+from portcullis.stages.signature import SignatureStage
 from portcullis.storage.sqlite_keys import SqliteKeyStore
 from portcullis.traffic.gcra import MemoryGcra
 
@@ -187,6 +188,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         RouteStage(Router(list(cfg.routes))),
         AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector, trusted=trusted,
                           client_cert_header=cfg.normalize.client_cert_header, dpop=dpop, dpop_nonces=dpop_nonces),
+        *([SignatureStage(cfg.signatures, cfg.normalize.max_body_bytes,
+                          loaded.path.parent if loaded.path else None)] if cfg.signatures else []),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header,

@@ -31,7 +31,7 @@ def _admin_event(data_dir: Path, action: str, key_id: str, tenant: str, extra: d
 
 def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], roles: list[str],
                expires_at: float | None = None, rate_limit: tuple[int, float, int] | None = None,
-               ) -> tuple[ApiKeyRecord, str]:
+               signing_key_id: str | None = None) -> tuple[ApiKeyRecord, str]:
     """Create and store a key; returns the record and the key (shown once).
 
     ValueError if the name is taken.
@@ -44,6 +44,7 @@ def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], rol
             key_id=kid, name=name, tenant=tenant, scopes=frozenset(scopes), roles=frozenset(roles),
             key_hash=hasher.digest(key), created_at=time.time(), expires_at=expires_at,
             rate_limit=RateLimitSpec(*rate_limit) if rate_limit else None,
+            signing_key_id=signing_key_id,
         )
         try:
             store.create(rec)

@@ -217,6 +217,7 @@ class AuthenticateStage:
             scopes=record.scopes,
             roles=record.roles,
             rate_limit=(rl.requests, rl.per_seconds, rl.burst) if rl else None,
+            signing_key_id=record.signing_key_id,
         )
         return None
 

@@ -93,6 +93,25 @@ class ClientDisconnectedError(Exception):
     """The client went away before its body was read."""
 
 
+async def read_body(ex: Exchange, limit: int) -> bytes:
+    """The whole request body, at most `limit` bytes (BodyTooLargeError beyond)."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        msg = await ex.receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientDisconnectedError
+        body = msg.get("body", b"")
+        total += len(body)
+        if total > limit:
+            raise BodyTooLargeError
+        chunks.append(body)
+        if not msg.get("more_body", False):
+            break
+    ex.bytes_in = total
+    return b"".join(chunks)
+
+
 class Upstream:
     """A pooled client for one upstream. `open()` runs inside the event loop."""
 
@@ -166,21 +185,7 @@ class ProxyStage:
         return out
 
     async def _read_whole(self, ex: Exchange) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            msg = await ex.receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientDisconnectedError
-            body = msg.get("body", b"")
-            total += len(body)
-            if total > self._max_body:
-                raise BodyTooLargeError
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        ex.bytes_in = total
-        return b"".join(chunks)
+        return await read_body(ex, self._max_body)
 
     async def _stream(self, ex: Exchange) -> AsyncIterator[bytes]:
         total = 0
@@ -218,7 +223,9 @@ class ProxyStage:
         body: bytes | AsyncIterator[bytes] | None = None
         declared: int | None = None
         try:
-            if chunked or (cl is not None and cl != b"0"):
+            if "body" in ex.facts:  # already read (and verified) by the signature stage
+                body = ex.facts["body"]
+            elif chunked or (cl is not None and cl != b"0"):
                 declared = int(cl) if cl is not None else None
                 if declared is not None and declared <= BUFFER_LIMIT:
                     body = await self._read_whole(ex)  # small: read whole, replayable

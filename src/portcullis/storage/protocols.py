@@ -29,6 +29,7 @@ class ApiKeyRecord:
     expires_at: float | None = None
     revoked_at: float | None = None
     rate_limit: RateLimitSpec | None = None
+    signing_key_id: str | None = None  # requests with this key must be signed by it (RFC 9421)
 
 
 class KeyStore(Protocol):

@@ -27,6 +27,7 @@ api_keys = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),
     sa.Column("revoked_at", sa.Float, nullable=True),
     sa.Column("rate_limit", sa.Text, nullable=True),
+    sa.Column("signing_key_id", sa.String(256), nullable=True),
 )
 revocations_table = sa.Table(
     "token_revocations",
@@ -63,11 +64,20 @@ class SqliteKeyStore:
         self._engine = sa.create_engine(f"sqlite:///{path}", future=True)
         sa.event.listen(self._engine, "connect", _on_connect)
         _meta.create_all(self._engine)
+        self._migrate()
         if new:
             os.chmod(path, 0o600)
         with self._engine.begin() as conn:
             if conn.execute(sa.select(revision_table.c.revision)).first() is None:
                 conn.execute(revision_table.insert().values(id=1, revision=0))
+
+    def _migrate(self) -> None:
+        """Additive changes for stores made by earlier versions (Alembic takes this over
+        with the PostgreSQL backend)."""
+        with self._engine.begin() as conn:
+            cols = {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(api_keys)")}
+            if "signing_key_id" not in cols:
+                conn.exec_driver_sql("ALTER TABLE api_keys ADD COLUMN signing_key_id VARCHAR(256)")
 
     @staticmethod
     def _row(row: sa.Row[Any]) -> ApiKeyRecord:
@@ -83,6 +93,7 @@ class SqliteKeyStore:
             expires_at=row.expires_at,
             revoked_at=row.revoked_at,
             rate_limit=RateLimitSpec(rl["requests"], rl["per_seconds"], rl["burst"]) if rl else None,
+            signing_key_id=row.signing_key_id,
         )
 
     @staticmethod
@@ -109,6 +120,7 @@ class SqliteKeyStore:
                         )
                         if rl
                         else None,
+                        signing_key_id=record.signing_key_id,
                     )
                 )
                 self._bump(conn)
