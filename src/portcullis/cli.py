@@ -316,6 +316,40 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def sign(
+    method: Annotated[str, typer.Argument(help="HTTP method.")],
+    url: Annotated[str, typer.Argument(help="The full URL to call.")],
+    credentials: Annotated[Path, typer.Option(help="A demo credentials file.")],
+    client: Annotated[str, typer.Option(help="The client whose signing key and API key to use.")],
+    data: Annotated[str | None, typer.Option(help="A request body (JSON).")] = None,
+) -> None:
+    """Print a curl command for an RFC 9421-signed request (as a partner would send it)."""
+    from portcullis.signing_client import curl_command, signed_headers
+
+    try:
+        creds = json.loads(credentials.read_text())
+        entry = next(c for c in creds.get("clients", []) if c.get("name") == client)
+        signing = entry["signing"]
+        api_key = entry["api_key"]
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        raise fail(f"{credentials}: no client {client!r} with a signing key and an API key") from None
+    if not re.fullmatch(r"[A-Za-z]{3,10}", method):
+        raise fail("METHOD: an HTTP method such as GET or POST", 2)
+    if not url.startswith(("http://", "https://")):
+        raise fail("URL: an absolute http:// or https:// URL", 2)
+    body = data.encode() if data is not None else None
+    headers = {"X-API-Key": api_key}
+    if body:
+        headers["Content-Type"] = "application/json"
+    try:
+        headers = signed_headers(method, url, private_key_pem=signing["private_key_pem"], key_id=signing["key_id"],
+                                 body=body, extra_headers=headers)
+    except (ValueError, TypeError) as exc:
+        raise fail(f"cannot sign: {exc}") from None
+    typer.echo(curl_command(method, url, headers, body))
+
+
 @tokens_app.command("revoke")
 def tokens_revoke(
     jti: Annotated[str | None, typer.Option(help="One token, by its `jti`.")] = None,

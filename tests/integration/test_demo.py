@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from portcullis.demo.upstream import UpstreamThread
+from portcullis.signing_client import signed_headers
 from tests.integration.echo import EchoApp
 from tests.integration.harness import Client, free_port
 
@@ -81,9 +82,21 @@ def test_demo_credentials_restart_reset(tmp_path: Path) -> None:
     assert reader.request("GET", "/v1/tenants/globex/projects").status == 403
     globex = Client(port, {"X-API-Key": keys["globex-reader"]["key"]})
     assert globex.request("GET", "/v1/tenants/globex/projects").json()["tenant"] == "globex"
+    # partner-analytics (DEMO.md): its API key works only on RFC 9421-signed requests.
+    (partner,) = creds["clients"]
+    assert partner["name"] == "partner-analytics" and partner["signing"]["alg"] == "ed25519"
+    url = f"http://127.0.0.1:{port}/v1/tenants/acme/invoices"
+    unsigned = Client(port, {"X-API-Key": partner["api_key"]}).request("GET", "/v1/tenants/acme/invoices")
+    assert unsigned.status == 401
+    assert "accept-signature" in unsigned.headers
+    headers = signed_headers("GET", url, private_key_pem=partner["signing"]["private_key_pem"],
+                             key_id=partner["signing"]["key_id"], body=None,
+                             extra_headers={"X-API-Key": partner["api_key"]})
+    assert Client(port, headers).request("GET", "/v1/tenants/acme/invoices").status == 200
     code, printed = stop(proc)
     assert code == 0
     assert "curl" in printed and keys["acme-reader"]["key"] in printed  # the quickstart
+    assert "sign --credentials" in printed
 
     # Restart without --reset: the same keys still work.
     proc = start_demo("--port", str(port), "--data-dir", str(data))
