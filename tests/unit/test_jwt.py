@@ -411,3 +411,40 @@ def test_relative_jwks_file_resolves_against_the_config(tmp_path: Path) -> None:
     cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, jwks_file="keys/jwks.json", audience=AUD)])
     resolved = resolve_jwks_files(cfg, tmp_path / "gw.yaml")
     assert resolved.issuers[0].jwks_file == str((tmp_path / "keys" / "jwks.json").resolve())
+
+
+# --- found by the Wycheproof vectors (docs/conformance.md) --------------------------
+
+async def test_a_respelled_signature_is_refused() -> None:
+    """Non-zero pad bits in the last character: same bytes, other text — refused, not a new token."""
+    head, body, sig = sign(EC, "ES256", claims(jti=None)).split(b".")
+    last = sig[-1:]
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = alphabet[alphabet.index(last) + 1:alphabet.index(last) + 2]  # 64-byte sig: 2 unused bits
+    assert await refused(verifier(), b".".join([head, body, sig[:-1] + twin])) == "jwt.malformed"
+
+
+async def test_ecdsa_malleability_does_not_change_the_credential_id() -> None:
+    """(r, n - s) is also a valid ECDSA signature: the credential id of a jti-less token hashes
+    the signed part, so both spellings are one credential (and one revocation)."""
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1  # noqa: F401 - documents the curve
+
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 group order
+    head, body, sig = sign(EC, "ES256", claims(jti=None)).split(b".")
+    raw = base64.urlsafe_b64decode(sig + b"=" * (-len(sig) % 4))
+    r, s = raw[:32], int.from_bytes(raw[32:], "big")
+    twin = b64(r + (n - s).to_bytes(32, "big"))
+    v = verifier()
+    a = await v.verify(b".".join([head, body, sig]))
+    b = await v.verify(b".".join([head, body, twin]))
+    assert a.credential_id == b.credential_id
+    assert a.credential_id.startswith("sha256:")
+
+
+async def test_a_key_verifies_only_the_algorithm_it_declares() -> None:
+    rsa_doc = RSA.as_dict(private=False) | {"alg": "PS256"}
+    issuer = Issuer()
+    issuer.doc = json.dumps({"keys": [rsa_doc]}).encode()
+    v = verifier(issuer, algorithms=["RS256", "PS256"])
+    assert await refused(v, sign(RSA, "RS256")) == "jwt.bad_signature"
+    assert (await v.verify(sign(RSA, "PS256"))).subject == "user-1"

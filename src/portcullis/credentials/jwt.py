@@ -124,16 +124,26 @@ class JwtRefusal(Exception):
 
 
 _TO_STD = bytes.maketrans(b"-_", b"+/")
+_TO_URL = bytes.maketrans(b"+/", b"-_")
 
 
 def b64decode(segment: bytes) -> bytes:
-    """base64url without padding (RFC 7515 §2); ValueError on anything else."""
+    """base64url without padding (RFC 7515 §2), canonical only; ValueError on anything else.
+
+    Canonical: the unused low bits of the last character must be zero, so every byte
+    string has exactly one encoding. Otherwise one token has several spellings that all
+    verify, and anything keyed by the token's text (a revocation, a cache) can be
+    sidestepped by re-spelling it (found by the Wycheproof JWS vectors).
+    """
     if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise ValueError("not base64url")
     try:
-        return binascii.a2b_base64(segment.translate(_TO_STD) + b"=" * (-len(segment) % 4), strict_mode=True)
+        raw = binascii.a2b_base64(segment.translate(_TO_STD) + b"=" * (-len(segment) % 4), strict_mode=True)
     except binascii.Error:
         raise ValueError("not base64url") from None
+    if binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_TO_URL) != segment:
+        raise ValueError("non-canonical base64url")
+    return raw
 
 
 def _b64json(segment: bytes) -> dict[str, Any]:
@@ -219,9 +229,9 @@ def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes)
 class IssuerKeys:
     """An issuer's verification keys by `kid` (None: keys published without one)."""
 
-    by_kid: dict[str | None, list[PublicKey]]
+    by_kid: dict[str | None, list[tuple[PublicKey, str | None]]]
 
-    def candidates(self, kid: str | None) -> list[PublicKey]:
+    def candidates(self, kid: str | None) -> list[tuple[PublicKey, str | None]]:
         if kid is not None:
             return self.by_kid.get(kid, [])
         return [k for keys in self.by_kid.values() for k in keys]
@@ -238,8 +248,14 @@ def import_keys(doc: Any) -> IssuerKeys:
         raise ValueError("not a JWK Set")
     usable = [k for k in doc["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC", "OKP")
               and "d" not in k and k.get("use", "sig") == "sig"]
-    by_kid: dict[str | None, list[PublicKey]] = {}
+    by_kid: dict[str | None, list[tuple[PublicKey, str | None]]] = {}
     for entry in usable:
+        declared = entry.get("alg")
+        if declared is not None and declared not in ALLOWED_ALGORITHMS:
+            # RFC 8725 §3.1: a key is for its one algorithm; one we do not allow (or
+            # know) makes the key unusable here, rather than usable for any algorithm.
+            log.warning("JWKS key %r skipped: algorithm %r not allowed", entry.get("kid"), declared)
+            continue
         try:
             jwk = KeySet.import_key_set({"keys": [entry]}).keys[0]
             pub = jwk.get_op_key("verify")
@@ -250,8 +266,16 @@ def import_keys(doc: Any) -> IssuerKeys:
         if isinstance(pub, rsa.RSAPublicKey) and pub.key_size < MIN_RSA_BITS:
             continue
         if isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
-            by_kid.setdefault(jwk.kid, []).append(pub)
+            by_kid.setdefault(jwk.kid, []).append((pub, declared))
     return IssuerKeys(by_kid)
+
+
+_EDDSA_NAMES = frozenset({"EdDSA", "Ed25519"})  # RFC 9864: Ed25519 is EdDSA with that curve
+
+
+def alg_fits_key(alg: str, declared: str | None) -> bool:
+    """A key that declares an `alg` (RFC 7517 §4.4) verifies only that algorithm."""
+    return declared is None or declared == alg or (declared in _EDDSA_NAMES and alg in _EDDSA_NAMES)
 
 
 def http_fetch(url: str) -> bytes:
@@ -334,7 +358,7 @@ class JwksCache:
                 # Keep serving the last good keys (stale) while the issuer is down.
                 log.warning("JWKS for %s unavailable: %s", self.cfg.issuer, type(exc).__name__)
 
-    async def key_for(self, kid: str | None) -> list[PublicKey]:
+    async def key_for(self, kid: str | None) -> list[tuple[PublicKey, str | None]]:
         if self.keys is None:
             await self.refresh(forced=False)
         elif self._clock() - self._fetched_at >= self.cfg.jwks_ttl_seconds and (
@@ -409,11 +433,14 @@ class JwtVerifier:
             raise JwtRefusal("jwt.malformed") from None
         signing_input = parts[0] + b"." + parts[1]
         alg = header["alg"]
-        if not any(verify_signature(alg, k, signing_input, sig) for k in keys):
+        if not any(verify_signature(alg, k, signing_input, sig) for k, declared in keys if alg_fits_key(alg, declared)):
             raise JwtRefusal("jwt.bad_signature")
         claims = payload
         exp = self._check_claims(claims, icfg, now)
-        principal = self._principal(claims, icfg, digest)
+        # The credential id of a token without `jti` hashes what the signature covers
+        # (header.payload), not the token's text: ECDSA signatures are malleable, so the
+        # text is not unique, but the signed part is.
+        principal = self._principal(claims, icfg, hashlib.sha256(signing_input).digest())
         if self.cfg.cache_size:
             self._cache[digest] = _Cached(principal, exp + icfg.leeway_seconds)
             if len(self._cache) > self.cfg.cache_size:
