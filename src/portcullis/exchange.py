@@ -37,6 +37,11 @@ class Principal:
     limit_key: str | None = None
     # RFC 9421: the key this credential's requests must be signed with, if bound to one.
     signing_key_id: str | None = None
+    # Token facts later stages use: the audiences (a route may require one), the
+    # authentication context class and methods (RFC 9068 §2.2.1; step-up, RFC 9470).
+    audiences: frozenset[str] = frozenset()
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@ discovery; and `portcullis demo --trust-issuer` as DEMO.md describes it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -143,3 +144,14 @@ def test_revocation_is_honoured_within_a_second(jenv: JwtEnv, kind: str, claims:
         assert time.monotonic() - revoked_at < 1.0, "still accepted a second after revocation"
         time.sleep(0.02)
     assert audited_reason(jenv, r.headers["x-request-id"]).startswith("jwt.revoked_")
+
+
+def test_route_audience_and_authentication_context(jenv: JwtEnv, tmp_path: Path) -> None:
+    """A route may demand its own audience; acr/amr reach the principal (for step-up later)."""
+    from portcullis.credentials.jwt import JwtConfig, JwtIssuerConfig, JwtVerifier
+
+    token = jenv.issuer.mint(jenv.audience, acr="urn:mfa", amr=["pwd", "otp"], aud=[jenv.audience, "billing"])
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=jenv.issuer.issuer, discovery=True, audience=jenv.audience)])
+    p = asyncio.run(JwtVerifier(cfg).verify(token.encode()))
+    assert p.audiences == frozenset({jenv.audience, "billing"})
+    assert (p.acr, p.amr) == ("urn:mfa", ("pwd", "otp"))

@@ -102,3 +102,8 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "examples" / "portcullis.yaml"
     loaded = load_config(example)
     assert loaded.config.routes
+
+
+def test_route_audience_is_a_route_setting() -> None:
+    loaded = parse_config(GOOD.replace("    rate_limit: std\n", "    rate_limit: std\n    audience: https://billing.example\n"))
+    assert loaded.config.routes[1].audience == "https://billing.example"

@@ -266,3 +266,32 @@ async def test_token_revocations_by_jti_subject_and_client() -> None:
     assert store.revoke_tokens(RevocationRecord("sub", "bob", now[0]))  # and may be made again
     await cache.refresh_if_changed()
     assert cache.revoked(bob) == "jwt.revoked_subject"
+
+
+async def test_route_audience_must_be_in_the_token() -> None:
+    from portcullis.credentials.jwt import JwtRefusal  # noqa: F401 - the stage maps refusals
+
+    route_router = Router([RouteConfig(name="b", path="/b", methods=["GET"], upstream="u", auth=["jwt"],
+                                       audience="https://billing.example")])
+
+    class FakeJwt:  # a verifier returning a fixed principal: the check under test is the stage's own
+        def __init__(self, auds: frozenset[str]) -> None:
+            self.auds = auds
+
+        async def verify(self, token: bytes) -> Principal:
+            return Principal("s", "acme", "j", "jwt", frozenset(), audiences=self.auds)
+
+    for auds, ok in ((frozenset({"https://api.example"}), False),
+                     (frozenset({"https://api.example", "https://billing.example"}), True)):
+        cache = KeyCache(MemoryKeyStore())
+        cache.load()
+        stage = AuthenticateStage(cache, HASHER, jwt=FakeJwt(auds))  # type: ignore[arg-type]
+        ex = exchange("GET", b"/b", [(b"host", b"gw"), (b"authorization", b"Bearer a.b.c")])
+        ex.path = "/b"
+        found = route_router.resolve("gw", "GET", "/b")
+        assert not isinstance(found, list)
+        ex.route, ex.path_params = found
+        problem = await stage.on_request(ex)
+        assert (problem is None) == ok
+        if problem is not None:
+            assert problem.reason == "auth.route_audience"

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from portcullis.credentials.jwt import JwtRefusal, confirmation
+from portcullis.credentials.jwt import JwtRefusal, _audiences, _str_or_none, _str_tuple, confirmation
 from portcullis.exchange import Principal
 from portcullis.upstream_client import Pool, PoolConfig, UpstreamError
 
@@ -209,6 +209,7 @@ class Introspector:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="opaque", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
+            audiences=_audiences(doc.get("aud")), acr=_str_or_none(doc.get("acr")), amr=_str_tuple(doc.get("amr")),
             limit_key=f"opaque:{client if isinstance(client, str) else 'sub:' + sub}",
         )
         until = now + cfg.cache_seconds

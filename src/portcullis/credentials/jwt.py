@@ -519,6 +519,8 @@ class JwtVerifier:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="jwt", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
+            audiences=_audiences(claims.get("aud")), acr=_str_or_none(claims.get("acr")),
+            amr=_str_tuple(claims.get("amr")),
             # Rate limits follow the client (or subject) across its tokens, per issuer.
             limit_key=f"jwt:{icfg.issuer}:{client if isinstance(client, str) else 'sub:' + sub}",
         )
@@ -541,6 +543,22 @@ def confirmation(cnf: object, prefix: str) -> tuple[str | None, str | None]:
     if jkt is None and x5t is None:
         raise JwtRefusal(f"{prefix}.unsupported_cnf")
     return jkt, x5t
+
+
+def _audiences(aud: object) -> frozenset[str]:
+    if isinstance(aud, str):
+        return frozenset({aud})
+    if isinstance(aud, list):
+        return frozenset(a for a in aud if isinstance(a, str))
+    return frozenset()
+
+
+def _str_or_none(v: object) -> str | None:
+    return v if isinstance(v, str) and len(v) <= 256 else None
+
+
+def _str_tuple(v: object) -> tuple[str, ...]:
+    return tuple(x for x in v if isinstance(x, str))[:16] if isinstance(v, list) else ()
 
 
 def _is_number(v: object) -> bool:

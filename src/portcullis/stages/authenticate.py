@@ -237,6 +237,10 @@ class AuthenticateStage:
         revoked = self._keys.revoked(principal)
         if revoked is not None:
             return _invalid(revoked)
+        route = ex.route
+        if route is not None and route.config.audience is not None and route.config.audience not in principal.audiences:
+            # A per-route audience, beyond the issuer's (RFC 7519 §4.1.3, RFC 8707 resources).
+            return _invalid("auth.route_audience")
         if principal.cnf_x5t is not None:
             # RFC 8705 §3: a certificate-bound token is valid only with that certificate.
             der = self._client_cert(ex)

@@ -44,6 +44,7 @@ class RouteConfig(BaseModel):
     rate_limit: str | None = None
     upstream_path: str | None = None
     timeout_seconds: float | None = Field(default=None, gt=0, le=600)
+    audience: str | None = Field(default=None, min_length=1, max_length=2048)  # tokens must name this `aud`
     require_signature: bool = False  # RFC 9421: every request must be signed by a known key
     sign_responses: bool = False  # RFC 9421: the gateway signs the upstream's answers
 
