@@ -20,7 +20,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API k
 audit_app = typer.Typer(no_args_is_help=True, help="Read and verify the audit log.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
-tokens_app = typer.Typer(no_args_is_help=True, help="Revoke JWT access tokens by token id, subject or client.")
+tokens_app = typer.Typer(no_args_is_help=True,
+                         help="Revoke access tokens (JWT or introspected) by token id, subject or client.")
 app.add_typer(tokens_app, name="tokens")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Gateway config file.")]
@@ -154,6 +155,12 @@ def keys_create(
     expires = time.time() + parse_duration(expires_in) if expires_in else None
     rl = parse_rate(rate_limit) if rate_limit else None
     d = _data_dir(config, data_dir)
+    if signing_key is not None and config is not None:
+        from portcullis.config import load_config
+
+        sigs = load_config(config).config.signatures
+        if sigs is None or signing_key not in {k.key_id for k in sigs.keys}:
+            raise fail(f"--signing-key: {signing_key!r} is not in the config's signatures.keys")
     try:
         rec, key = create_key(d, name=name, tenant=tenant, scopes=scopes, roles=sorted(set(role or [])),
                               expires_at=expires, rate_limit=rl, signing_key_id=signing_key)

@@ -171,7 +171,10 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
     jwt = JwtVerifier(resolve_jwks_files(cfg.jwt, loaded.path)) if cfg.jwt is not None else None
-    introspector = Introspector(cfg.introspection) if cfg.introspection is not None else None
+    ic = cfg.introspection
+    if ic is not None and ic.client_secret_file and loaded.path and not Path(ic.client_secret_file).is_absolute():
+        ic = ic.model_copy(update={"client_secret_file": str(loaded.path.parent / ic.client_secret_file)})
+    introspector = Introspector(ic) if ic is not None else None
     dpop_nonces = dpop = None
     if cfg.dpop is not None:
         # Nonces are HMACs under a per-data-directory secret: processes sharing the
@@ -187,9 +190,10 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         NormalizeStage(cfg.normalize, trusted),
         RouteStage(Router(list(cfg.routes))),
         AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector, trusted=trusted,
-                          client_cert_header=cfg.normalize.client_cert_header, dpop=dpop, dpop_nonces=dpop_nonces),
+                          client_cert_header=cfg.normalize.client_cert_header, dpop=dpop, dpop_nonces=dpop_nonces,
+                          signatures_enabled=cfg.signatures is not None),
         *([SignatureStage(cfg.signatures, cfg.normalize.max_body_bytes,
-                          loaded.path.parent if loaded.path else None)] if cfg.signatures else []),
+                          loaded.path.parent if loaded.path else None, trusted)] if cfg.signatures else []),
         AuthorizeStage(),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header,

@@ -66,6 +66,7 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
     """A uvicorn server for `gw`: our own proxy-header handling (never uvicorn's), no access log."""
     srv = loaded.config.server
     tls = srv.tls.resolve(loaded.path.parent if loaded.path else None) if srv.tls else None
+    ctx = server_context(tls) if tls else None  # built here: a bad file is a clear error, not a traceback
     config = uvicorn.Config(
         gw.app,
         host=host or srv.listen.host,
@@ -80,7 +81,7 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
         timeout_graceful_shutdown=srv.shutdown_grace_seconds,
         timeout_keep_alive=srv.keep_alive_seconds,
         ws="none",
-        ssl_context_factory=(lambda _cfg, _default: server_context(tls)) if tls else None,
+        ssl_context_factory=(lambda _cfg, _default: ctx) if ctx is not None else None,
     )
     return uvicorn.Server(config)
 
@@ -105,8 +106,12 @@ def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:
 def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; the exit status for the CLI."""
     gw = build_gateway(loaded)
+    try:
+        server = make_server(gw, loaded, host, port)
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     stop_metrics = start_metrics(gw, loaded)
-    server = make_server(gw, loaded, host, port)
     received: list[int] = []
     if threading.current_thread() is threading.main_thread():
         # uvicorn captures SIGTERM/SIGINT for its graceful shutdown and, once done,

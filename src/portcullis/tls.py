@@ -62,9 +62,15 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if cfg.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(AEAD_CIPHERS_TLS12)  # TLS 1.2 list; TLS 1.3 suites are AEAD by definition
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-    ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    try:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"server.tls: cannot load {cfg.cert_file} / {cfg.key_file}: {exc}") from None
     if cfg.client_ca_file is not None and cfg.client_certificates != "none":
-        ctx.load_verify_locations(cfg.client_ca_file)
+        try:
+            ctx.load_verify_locations(cfg.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"server.tls: cannot load client_ca_file {cfg.client_ca_file}: {exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if cfg.client_certificates == "required" else ssl.CERT_OPTIONAL
     return ctx
 

@@ -158,6 +158,7 @@ routes: [{name: r, path: /r, methods: [GET], upstream: api, auth: [introspection
     for section, message in (
         ("introspection: {endpoint: 'http://as.example/i', client_id: g, client_secret_env: X}", "https"),
         ("introspection: {endpoint: 'https://as.example/i', client_id: g}", "exactly one of"),
+        ("introspection: {endpoint: 'https:///i', client_id: g, client_secret_env: X}", "needs a host"),
         ("introspection: {endpoint: 'https://as.example/i', client_id: g, client_secret: x}", "unknown key"),
         ("", "needs a top-level 'introspection:'"),
     ):

@@ -194,3 +194,34 @@ def test_signed_responses_verify_with_the_gateway_key(env: Env) -> None:
     response.status_code = 201
     with pytest.raises(HTTPMessageSignaturesException):
         verifier.verify(response, max_age=timedelta(minutes=5))
+
+
+def test_head_answers_are_not_signed_over_an_empty_body(env: Env) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", env.port, timeout=10)
+    try:
+        conn.request("HEAD", "/answers/a", headers={"X-API-Key": env.plain_key})
+        r = conn.getresponse()
+        r.read()
+        names = {k.lower() for k, _ in r.getheaders()}
+        assert r.status == 200
+        assert "signature" not in names and "signature-input" not in names
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{keys: [{key_id: a, alg: hmac-sha256, secret_b64: 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI='}, "
+     "{key_id: a, alg: hmac-sha256, secret_b64: 'c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI='}]}",
+     "listed more than once"),
+    ("{response_signing: {key_id: g, alg: hmac-sha256, private_key_file: k}}", "response_signing.alg"),
+])
+def test_signature_config_mistakes_are_caught_by_check(section: str, message: str) -> None:
+    from portcullis.config import ConfigError, parse_config
+
+    base = """
+upstreams: {api: {url: "http://127.0.0.1:1"}}
+routes: [{name: r, path: /r, methods: [GET], upstream: api, public: true}]
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(base + f"signatures: {section}\n")
+    assert any(message in e for e in info.value.errors), info.value.errors

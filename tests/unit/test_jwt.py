@@ -448,3 +448,11 @@ async def test_a_key_verifies_only_the_algorithm_it_declares() -> None:
     v = verifier(issuer, algorithms=["RS256", "PS256"])
     assert await refused(v, sign(RSA, "RS256")) == "jwt.bad_signature"
     assert (await v.verify(sign(RSA, "PS256"))).subject == "user-1"
+
+
+async def test_a_discovery_document_that_is_not_an_object_is_not_a_crash() -> None:
+    def fetch(url: str) -> bytes:
+        return b"[]"
+
+    cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, discovery=True, audience=AUD)])
+    assert await refused(JwtVerifier(cfg, fetch=fetch, clock=lambda: NOW), sign(RSA, "RS256")) == "jwt.jwks_unavailable"

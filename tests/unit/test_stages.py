@@ -295,3 +295,23 @@ async def test_route_audience_must_be_in_the_token() -> None:
         assert (problem is None) == ok
         if problem is not None:
             assert problem.reason == "auth.route_audience"
+
+
+async def test_a_key_bound_to_a_signing_key_fails_closed_without_signature_checking() -> None:
+    kid, full = apikeys.generate()
+    rec = ApiKeyRecord(kid, "partner", "acme", frozenset({"projects:read"}), frozenset(), HASHER.digest(full),
+                       time.time(), signing_key_id="partner-1")
+    cache = KeyCache(MemoryKeyStore(rec))
+    cache.load()
+    ex, problem = await auth(AuthenticateStage(cache, HASHER), [(b"x-api-key", full.encode())])
+    assert problem is not None and problem.reason == "sig.not_configured"
+    ex, problem = await auth(AuthenticateStage(cache, HASHER, signatures_enabled=True),
+                             [(b"x-api-key", full.encode())])
+    assert problem is None and ex.principal is not None and ex.principal.signing_key_id == "partner-1"
+
+
+def test_unusable_tls_files_are_named(tmp_path: Path) -> None:
+    from portcullis.tls import TlsConfig, server_context
+
+    with pytest.raises(ValueError, match=r"cannot load .*missing\.pem"):
+        server_context(TlsConfig(cert_file=str(tmp_path / "missing.pem"), key_file=str(tmp_path / "k.pem")))

@@ -56,7 +56,13 @@ class IntrospectionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> IntrospectionConfig:
-        u = urlsplit(self.endpoint)
+        try:
+            u = urlsplit(self.endpoint)
+            u.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("endpoint is not a valid URL") from None
+        if not u.hostname or u.username or u.password:
+            raise ValueError("endpoint needs a host (and no credentials in the URL)")
         loopback = u.hostname in ("127.0.0.1", "localhost", "::1")
         if u.scheme != "https" and not (u.scheme == "http" and loopback):
             raise ValueError("endpoint must be https (plain http only on loopback)")

@@ -324,7 +324,9 @@ class JwksCache:
                 meta = json.loads(self._fetch(url))
             except (OSError, ValueError):
                 continue
-            jwks_uri = meta.get("jwks_uri") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict):
+                continue
+            jwks_uri = meta.get("jwks_uri")
             # RFC 8414 §3.3: the issuer in the metadata must match exactly.
             if meta.get("issuer") == issuer and isinstance(jwks_uri, str) and safe_key_url(jwks_uri):
                 return jwks_uri

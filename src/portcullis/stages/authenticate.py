@@ -123,7 +123,8 @@ class AuthenticateStage:
                  clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None,
                  introspector: Introspector | None = None, trusted: TrustedProxies | None = None,
                  client_cert_header: str | None = None, dpop: DpopVerifier | None = None,
-                 dpop_nonces: DpopNonces | None = None) -> None:
+                 dpop_nonces: DpopNonces | None = None, signatures_enabled: bool = False) -> None:
+        self._signatures_enabled = signatures_enabled
         self._dpop = dpop
         self._dpop_nonces = dpop_nonces
         self._trusted = trusted
@@ -208,6 +209,9 @@ class AuthenticateStage:
             return _invalid("auth.key_revoked")
         if record.expires_at is not None and self._clock() >= record.expires_at:
             return _invalid("auth.key_expired", "The credential has expired.")
+        if record.signing_key_id is not None and not self._signatures_enabled:
+            # Fail closed: the key must sign its requests, and nothing here could check it.
+            return _invalid("sig.not_configured", "This credential's requests must be signed.")
         rl = record.rate_limit
         ex.principal = Principal(
             subject=f"key:{record.name}",

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.credentials.rfc9421 import (
-    Alg,
     NonceCache,
     RequestSignatureVerifier,
     ResponseSigner,
@@ -27,17 +26,19 @@ from portcullis.credentials.rfc9421 import (
     SignatureRefusal,
 )
 from portcullis.exchange import Exchange, UpstreamResponse
+from portcullis.netutil import TrustedProxies
 from portcullis.problems import Problem
 from portcullis.stages.proxy import BodyTooLargeError, ClientDisconnectedError, read_body
 
 
 class ResponseSigningConfig(BaseModel):
-    """The gateway's own key for signing responses."""
+    """The gateway's own key for signing responses (an asymmetric one: partners verify
+    with its public half; an HMAC secret would have to be shared with every partner)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     key_id: str = Field(min_length=1, max_length=256)
-    alg: Alg = "ed25519"
+    alg: Literal["ed25519", "ecdsa-p256-sha256", "rsa-pss-sha512", "rsa-v1_5-sha256"] = "ed25519"
     private_key_file: str
 
 
@@ -51,10 +52,19 @@ class SignaturesConfig(BaseModel):
     response_signing: ResponseSigningConfig | None = None
     max_response_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
 
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, v: list[SignatureKeyConfig]) -> list[SignatureKeyConfig]:
+        ids = [k.key_id for k in v]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"key_id listed more than once: {', '.join(dup)}")
+        return v
+
 
 def _accept_signature(policy: SignaturePolicy) -> tuple[bytes, bytes]:
     """RFC 9421 §5.1 ``Accept-Signature``: what a valid signature must cover."""
-    components = [*policy.required_components, "content-digest"]
+    components = list(dict.fromkeys([*policy.required_components, "content-digest"]))
     params = ";created" + (";nonce" if policy.require_nonce else "") + ";keyid"
     inner = " ".join(f'"{c}"' for c in components)
     return (b"accept-signature", f"sig1=({inner}){params}".encode())
@@ -65,11 +75,16 @@ class SignatureStage:
 
     name: ClassVar[str] = "signature"
 
-    def __init__(self, cfg: SignaturesConfig, max_body_bytes: int, base: Path | None = None) -> None:
+    def __init__(self, cfg: SignaturesConfig, max_body_bytes: int, base: Path | None = None,
+                 trusted: TrustedProxies | None = None) -> None:
         self._cfg = cfg
+        self._trusted = trusted
         policy = cfg.policy
         nonces = NonceCache(policy.max_age_seconds + policy.clock_skew_seconds)
-        self._verifier = RequestSignatureVerifier(list(cfg.keys), policy, nonces=nonces)
+        keys = [k.model_copy(update={"public_key_file": str(base / k.public_key_file)})
+                if base is not None and k.public_key_file and not Path(k.public_key_file).is_absolute() else k
+                for k in cfg.keys]  # files relative to the config file, like every other path
+        self._verifier = RequestSignatureVerifier(keys, policy, nonces=nonces)
         self._max_body = max_body_bytes
         self._accept = _accept_signature(policy)
         self._signer: ResponseSigner | None = None
@@ -101,7 +116,7 @@ class SignatureStage:
             ex.facts["body"] = body
         try:
             result = self._verifier.verify(
-                ex.method, str(ex.scope.get("scheme", "http")), ex.host, ex.raw_path.decode("ascii"),
+                ex.method, self._scheme(ex), ex.host, ex.raw_path.decode("ascii"),
                 ex.query.decode("ascii", "replace"), ex.headers, body)
         except SignatureRefusal as refusal:
             return self._refuse(refusal.reason, refusal.detail)
@@ -110,11 +125,22 @@ class SignatureStage:
         ex.facts["signature_key"] = result.key_id
         return None
 
+    def _scheme(self, ex: Exchange) -> str:
+        """The scheme the client used: ours, or a trusted TLS-terminating proxy's."""
+        scheme = str(ex.scope.get("scheme", "http"))
+        if self._trusted is not None and self._trusted.is_trusted(ex.facts.get("peer", "")):
+            proto = ex.header(b"x-forwarded-proto")
+            if proto in (b"http", b"https"):
+                scheme = proto.decode()
+        return scheme
+
     async def on_response(self, ex: Exchange) -> None:
         up = ex.upstream
         route = ex.route
         if self._signer is None or up is None or route is None or not route.config.sign_responses:
             return
+        if ex.method == "HEAD":
+            return  # no body to cover: a digest of nothing would misdescribe the resource
         chunks: list[bytes] = []
         size = 0
         if up.body is not None:
@@ -122,7 +148,7 @@ class SignatureStage:
                 size += len(chunk)
                 if size > self._cfg.max_response_bytes:
                     ex.facts["response_too_large"] = True
-                    raise BodyTooLargeError  # the app cuts the connection and records why
+                    raise BodyTooLargeError  # the app answers 502 (upstream.response_refused)
                 chunks.append(chunk)
         body = b"".join(chunks)
         signed = self._signer.sign(up.status, up.headers, body)
