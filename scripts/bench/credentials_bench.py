@@ -154,9 +154,8 @@ end
             print(f"| {name} | {r['rps']:.0f} | {r['rps'] / base:.1%} | {r['cpu_us']:.0f} | {r['non2xx']:.0f} |")
         return 0
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # the gateway first, then the nginx it talks to
             p.terminate()
-        for p in procs:
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
