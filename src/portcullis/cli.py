@@ -7,11 +7,14 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from portcullis import __version__
+
+if TYPE_CHECKING:
+    from portcullis.config import LoadedConfig
 
 # Tracebacks are for developers: main() turns expected failures into one `error:` line.
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -58,9 +61,19 @@ def parse_rate(text: str) -> tuple[int, float, int]:
     return requests, float(period), burst
 
 
-def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
+def _load_or_exit(config: Path) -> LoadedConfig:
+    """The validated config, or one `path: problem` line per error and exit 1."""
     from portcullis.config import ConfigError, load_config
 
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        for e in exc.errors:
+            typer.echo(f"{config}: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
     if (config is None) == (data_dir is None):
         raise fail("give exactly one of --config FILE or --data-dir DIR", 2)
     if data_dir is not None:
@@ -68,12 +81,7 @@ def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
             raise fail(f"{data_dir}: no such directory")
         return data_dir.resolve()
     assert config is not None
-    try:
-        return load_config(config).data_dir
-    except ConfigError as exc:
-        for e in exc.errors:
-            typer.echo(f"{config}: {e}", err=True)
-        raise typer.Exit(1) from None
+    return _load_or_exit(config).data_dir
 
 
 def _version_cb(value: bool) -> None:
@@ -93,15 +101,7 @@ def _root(
 @app.command()
 def check(config: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
     """Validate a config file; exits non-zero with one line per problem."""
-    from portcullis.config import ConfigError, load_config
-
-    try:
-        loaded = load_config(config)
-    except ConfigError as exc:
-        for e in exc.errors:
-            typer.echo(f"{config}: {e}", err=True)
-        raise typer.Exit(1) from None
-    cfg = loaded.config
+    cfg = _load_or_exit(config).config
     typer.echo(f"{config}: ok ({len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, "
                f"{len(cfg.rate_limits)} rate limits)")
 
@@ -113,16 +113,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Override server.listen.port.")] = None,
 ) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    from portcullis.config import ConfigError, load_config
     from portcullis.observe import configure_logging
     from portcullis.server import serve as run
 
-    try:
-        loaded = load_config(config)
-    except ConfigError as exc:
-        for e in exc.errors:
-            typer.echo(f"{config}: {e}", err=True)
-        raise typer.Exit(1) from None
+    loaded = _load_or_exit(config)
     configure_logging(loaded.config.server.log_level)
     raise typer.Exit(run(loaded, host, port))
 
@@ -156,9 +150,7 @@ def keys_create(
     rl = parse_rate(rate_limit) if rate_limit else None
     d = _data_dir(config, data_dir)
     if signing_key is not None and config is not None:
-        from portcullis.config import load_config
-
-        sigs = load_config(config).config.signatures
+        sigs = _load_or_exit(config).config.signatures
         if sigs is None or signing_key not in {k.key_id for k in sigs.keys}:
             raise fail(f"--signing-key: {signing_key!r} is not in the config's signatures.keys")
     try:

@@ -156,3 +156,12 @@ class TrustedProxies:
         if len(cache) >= self._cache_size:
             del cache[next(iter(cache))]  # evict the oldest; dicts keep insertion order
         cache[key] = value
+
+
+def client_scheme(scope_scheme: str, peer: str, forwarded_proto: bytes | None,
+                  trusted: TrustedProxies | None) -> str:
+    """The scheme the client used: ours, or ``X-Forwarded-Proto`` from a trusted proxy
+    (a TLS-terminating proxy in front of a plain-HTTP gateway); never a client's claim."""
+    if trusted is not None and forwarded_proto in (b"http", b"https") and trusted.is_trusted(peer):
+        return forwarded_proto.decode()
+    return scope_scheme

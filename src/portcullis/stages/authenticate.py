@@ -28,7 +28,7 @@ from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
 from portcullis.credentials.rfc9449 import DpopNonces, DpopRefusal, DpopVerifier, proof_from_headers
 from portcullis.exchange import Exchange, Principal
-from portcullis.netutil import TrustedProxies
+from portcullis.netutil import TrustedProxies, client_scheme
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.storage.protocols import ApiKeyRecord, KeyStore, RevocationStore
 from portcullis.tls import cert_thumbprint
@@ -285,11 +285,8 @@ class AuthenticateStage:
 
     def _request_url(self, ex: Exchange) -> str:
         """The URL the client addressed (the DPoP `htu`): our scheme, or a trusted proxy's."""
-        scheme = str(ex.scope.get("scheme", "http"))
-        if self._trusted is not None and self._trusted.is_trusted(ex.facts.get("peer", "")):
-            proto = ex.header(b"x-forwarded-proto")
-            if proto in (b"http", b"https"):
-                scheme = proto.decode()
+        scheme = client_scheme(str(ex.scope.get("scheme", "http")), ex.facts.get("peer", ""),
+                               ex.header(b"x-forwarded-proto"), self._trusted)
         return f"{scheme}://{ex.host or 'localhost'}{ex.raw_path.decode('ascii')}"
 
     def _client_cert(self, ex: Exchange) -> bytes | None:

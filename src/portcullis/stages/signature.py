@@ -26,7 +26,7 @@ from portcullis.credentials.rfc9421 import (
     SignatureRefusal,
 )
 from portcullis.exchange import Exchange, UpstreamResponse
-from portcullis.netutil import TrustedProxies
+from portcullis.netutil import TrustedProxies, client_scheme
 from portcullis.problems import Problem
 from portcullis.stages.proxy import BodyTooLargeError, ClientDisconnectedError, read_body
 
@@ -127,12 +127,8 @@ class SignatureStage:
 
     def _scheme(self, ex: Exchange) -> str:
         """The scheme the client used: ours, or a trusted TLS-terminating proxy's."""
-        scheme = str(ex.scope.get("scheme", "http"))
-        if self._trusted is not None and self._trusted.is_trusted(ex.facts.get("peer", "")):
-            proto = ex.header(b"x-forwarded-proto")
-            if proto in (b"http", b"https"):
-                scheme = proto.decode()
-        return scheme
+        return client_scheme(str(ex.scope.get("scheme", "http")), ex.facts.get("peer", ""),
+                             ex.header(b"x-forwarded-proto"), self._trusted)
 
     async def on_response(self, ex: Exchange) -> None:
         up = ex.upstream
