@@ -144,10 +144,8 @@ ACCEPTABLE: dict[tuple[str, int], Decision] = {
 # Found by these vectors and fixed: the JWK `alg` member is now enforced (alg_fits_key), and keys declaring
 # an algorithm we do not allow are dropped (JWS tcIds 332-340 refused; JWK tcIds 19, 20 dropped, see
 # DROPPED_KEYS). What remains known and unfixed:
-KNOWN_BUGS: dict[tuple[str, int], str] = {
-    (JWK, 7): "RSA modulus with the ROCA fingerprint (CVE-2017-15361, factorable) is imported: import_keys checks "
-              "the size (>= 2048 bits) but not for ROCA keys",
-}
+# (The ROCA key, JWK tcId 7, was the last one: it is now dropped by a fingerprint check.)
+KNOWN_BUGS: dict[tuple[str, int], str] = {}
 
 # Keys that import_keys must drop (by the first tcId of their group); every other public key is imported.
 DROPPED_KEYS: dict[tuple[str, int], str] = {
@@ -162,6 +160,7 @@ DROPPED_KEYS: dict[tuple[str, int], str] = {
     (JWK, 22): "EC point not on P-256",
     (JWK, 23): "crv P-384 with P-256-sized coordinates",
     (JWK, 24): "kty RSA with EC members",
+    (JWK, 7): "RSA modulus with the ROCA fingerprint (CVE-2017-15361): factorable",
     (JWK, 19): "P-256 key declaring alg ES521 (not a JWS algorithm)",
     (JWK, 20): "P-256 key declaring alg ES224 (not a JWS algorithm)",
     (JWS, 347): "P-256 key declaring alg ES521 (not a JWS algorithm)",
@@ -183,6 +182,7 @@ DPOP_ACCEPTS_ALTHOUGH_DROPPED: dict[tuple[str, int], str] = {
     (JWK, 20): "a JWK `alg` member is not checked for a DPoP key (the proof's own alg is allowlisted)",
     (JWS, 347): "a JWK `alg` member is not checked for a DPoP key (the proof's own alg is allowlisted)",
     (JWS, 351): "a JWK `alg` member is not checked for a DPoP key (the proof's own alg is allowlisted)",
+    (JWK, 7): "no ROCA check for a DPoP key: a weak key is its own holder's risk",
 }
 
 

@@ -456,3 +456,13 @@ async def test_a_discovery_document_that_is_not_an_object_is_not_a_crash() -> No
 
     cfg = JwtConfig(issuers=[JwtIssuerConfig(issuer=ISS, discovery=True, audience=AUD)])
     assert await refused(JwtVerifier(cfg, fetch=fetch, clock=lambda: NOW), sign(RSA, "RS256")) == "jwt.jwks_unavailable"
+
+
+def test_roca_fingerprint_spares_ordinary_keys() -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
+
+    from portcullis.credentials.jwt import roca_fingerprint
+
+    for _ in range(3):
+        n = crypto_rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+        assert not roca_fingerprint(n)
