@@ -225,3 +225,51 @@ routes: [{name: r, path: /r, methods: [GET], upstream: api, public: true}]
     with pytest.raises(ConfigError) as info:
         parse_config(base + f"signatures: {section}\n")
     assert any(message in e for e in info.value.errors), info.value.errors
+
+
+def test_a_partners_access_tokens_must_be_signed_too(tmp_path: Path) -> None:
+    """`signatures.clients`: requests with a token of that client need the client's signature."""
+    from portcullis.demo.upstream import UpstreamThread as Thread
+    from tests.integration.issuer import IssuerApp
+
+    app = IssuerApp()
+    issuer = Thread(app)
+    app.issuer = issuer.url
+    issuer.start()
+    echo = Thread(EchoApp())
+    echo.start()
+    partner = Ed25519PrivateKey.generate()
+    port = free_port()
+    doc = {
+        "data_dir": ".", "server": {"listen": {"port": port}, "metrics": None},
+        "jwt": {"issuers": [{"issuer": app.issuer, "discovery": True, "audience": "https://api.example"}]},
+        "signatures": {"keys": [{"key_id": "partner-1", "alg": "ed25519", "public_key_pem": pem_public(partner)}],
+                       "clients": {"partner-app": "partner-1"}},
+        "upstreams": {"echo": {"url": echo.url}},
+        "routes": [{"name": "echo", "path": "/echo/{x}", "methods": ["GET"], "upstream": "echo", "auth": ["jwt"],
+                    "scopes": ["projects:read"]}],
+    }
+    gw = GatewayThread(write_config(tmp_path, doc))
+    gw.start()
+    try:
+        token = app.mint("https://api.example", client_id="partner-app")
+        other = app.mint("https://api.example", client_id="someone-else")
+        url = f"http://127.0.0.1:{port}/echo/a"
+        base = {"Authorization": f"Bearer {token}"}
+        env = Env(port, gw, partner, partner, partner, "", "")
+        unsigned = requests.Request("GET", url, headers=base).prepare()
+        status, headers, _ = send(env, unsigned)
+        assert status == 401
+        assert find_audit_event(gw, headers["x-request-id"]).reason == "sig.missing"
+        req = requests.Request("GET", url, headers=base).prepare()
+        resolver = MappingKeyResolver(public_keys={}, private_keys={"partner-1": partner})
+        HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=resolver).sign(
+            req, key_id="partner-1", created=datetime.now(UTC), nonce=uuid.uuid4().hex,
+            covered_component_ids=("@method", "@authority", "@path"), label="sig1")
+        assert send(env, req)[0] == 200
+        plain = requests.Request("GET", url, headers={"Authorization": f"Bearer {other}"}).prepare()
+        assert send(env, plain)[0] == 200  # other clients are not bound
+    finally:
+        gw.stop()
+        echo.stop()
+        issuer.stop()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from portcullis.credentials.rfc9421 import (
     NonceCache,
@@ -51,6 +51,9 @@ class SignaturesConfig(BaseModel):
     policy: SignaturePolicy = SignaturePolicy()
     response_signing: ResponseSigningConfig | None = None
     max_response_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    # OAuth clients (a token's `client_id`) whose requests must be signed, and by which key:
+    # the access-token counterpart of an API key's `--signing-key` binding.
+    clients: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("keys")
     @classmethod
@@ -60,6 +63,14 @@ class SignaturesConfig(BaseModel):
         if dup:
             raise ValueError(f"key_id listed more than once: {', '.join(dup)}")
         return v
+
+    @model_validator(mode="after")
+    def _client_keys_exist(self) -> SignaturesConfig:
+        known = {k.key_id for k in self.keys}
+        missing = sorted({kid for kid in self.clients.values() if kid not in known})
+        if missing:
+            raise ValueError(f"clients name keys not in signatures.keys: {', '.join(missing)}")
+        return self
 
 
 def _accept_signature(policy: SignaturePolicy) -> tuple[bytes, bytes]:
@@ -102,7 +113,10 @@ class SignatureStage:
         route = ex.route
         if route is None:
             return None
-        bound = ex.principal.signing_key_id if ex.principal is not None else None
+        p = ex.principal
+        bound = p.signing_key_id if p is not None else None
+        if bound is None and p is not None and p.credential_kind != "api_key" and p.client_id is not None:
+            bound = self._cfg.clients.get(p.client_id)
         if not route.config.require_signature and bound is None:
             return None
         body: bytes | None = None
