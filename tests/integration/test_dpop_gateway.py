@@ -158,3 +158,13 @@ def test_server_nonce_round_trip(env: Env) -> None:
     nonce = r.headers["dpop-nonce"]
     r = call(env, token, proof(env.key, "GET", url, token, nonce=nonce), port=env.nonce_port)
     assert r.status == 200, r.body
+
+
+def test_a_refused_token_on_a_dpop_request_gets_a_dpop_challenge(env: Env) -> None:
+    jkt = jwk_thumbprint(env.key.as_dict(private=False))
+    expired = env.issuer.mint(AUD, cnf={"jkt": jkt}, exp=int(time.time()) - 600)
+    r = call(env, expired, proof(env.key, "GET", env.url("/echo/a"), expired))
+    assert r.status == 401
+    assert r.headers["www-authenticate"].startswith("DPoP algs=")
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    assert reason(env.gw, r) == "jwt.expired"

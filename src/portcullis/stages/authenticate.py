@@ -227,6 +227,8 @@ class AuthenticateStage:
 
     async def _token_principal(self, ex: Exchange, token: bytes,
                                verify: Callable[[bytes], Awaitable[Principal]]) -> Problem | None:
+        # RFC 9449 §7.1: a request made with the DPoP scheme is answered with DPoP challenges.
+        refuse = self._dpop_token_refusal if ex.facts.get("dpop") else _invalid
         try:
             principal = await verify(token)
         except JwtRefusal as refusal:
@@ -235,23 +237,23 @@ class AuthenticateStage:
                 return Problem(503, "service-unavailable", refusal.reason,
                                "Access tokens cannot be verified right now; retry shortly.",
                                headers=[(b"retry-after", b"5")])
-            return _invalid(refusal.reason, refusal.detail)
+            return refuse(refusal.reason, refusal.detail)
         # Checked on every request, after the verified-token cache: a revocation takes
         # effect within one poll of the store, whatever the token's `exp`.
         revoked = self._keys.revoked(principal)
         if revoked is not None:
-            return _invalid(revoked)
+            return refuse(revoked, "The credential is not valid.")
         route = ex.route
         if route is not None and route.config.audience is not None and route.config.audience not in principal.audiences:
             # A per-route audience, beyond the issuer's (RFC 7519 §4.1.3, RFC 8707 resources).
-            return _invalid("auth.route_audience")
+            return refuse("auth.route_audience", "The credential is not valid.")
         if principal.cnf_x5t is not None:
             # RFC 8705 §3: a certificate-bound token is valid only with that certificate.
             der = self._client_cert(ex)
             if der is None:
-                return _invalid("auth.cert_required", "This token must be presented over mutual TLS.")
+                return refuse("auth.cert_required", "This token must be presented over mutual TLS.")
             if not hmac.compare_digest(cert_thumbprint(der), principal.cnf_x5t):
-                return _invalid("auth.cert_mismatch")
+                return refuse("auth.cert_mismatch", "The credential is not valid.")
         if ex.facts.get("dpop"):
             problem = self._check_dpop(ex, token, principal)
             if problem is not None:
@@ -275,6 +277,10 @@ class AuthenticateStage:
         except DpopRefusal as refusal:
             return self._dpop_problem(refusal.reason, refusal.error, refusal.detail, refusal.use_dpop_nonce)
         return None
+
+    def _dpop_token_refusal(self, reason: str, detail: str) -> Problem:
+        """A refused access token on a DPoP request: `invalid_token` in a DPoP challenge."""
+        return self._dpop_problem(reason, "invalid_token", detail)
 
     def _dpop_problem(self, reason: str, error: str, detail: str, nonce: bool = False) -> Problem:
         assert self._dpop is not None
