@@ -27,7 +27,14 @@ from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from portcullis.credentials.jwt import JwtRefusal, _audiences, _str_or_none, _str_tuple, confirmation
+from portcullis.credentials.jwt import (
+    JwtRefusal,
+    _audiences,
+    _str_or_none,
+    _str_tuple,
+    confirmation,
+    scopes_and_roles,
+)
 from portcullis.exchange import Principal
 from portcullis.upstream_client import Pool, PoolConfig, UpstreamError
 
@@ -204,10 +211,7 @@ class Introspector:
             raise JwtRefusal("introspection.missing_sub")
         if not isinstance(tenant, str) or not tenant:
             raise JwtRefusal("introspection.missing_tenant")
-        scope = doc.get("scope")
-        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-        roles_raw = doc.get(cfg.roles_claim)
-        roles = frozenset(r for r in roles_raw if isinstance(r, str)) if isinstance(roles_raw, list) else frozenset()
+        scopes, roles = scopes_and_roles(doc, cfg.roles_claim)
         client = doc.get("client_id")
         jti = doc.get("jti")
         principal = Principal(

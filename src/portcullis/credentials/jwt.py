@@ -79,11 +79,7 @@ class JwtIssuerConfig(BaseModel):
     @field_validator("algorithms")
     @classmethod
     def _algs(cls, v: list[str]) -> list[str]:
-        for alg in v:
-            if alg not in ALLOWED_ALGORITHMS:
-                allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
-                raise ValueError(f"algorithm {alg!r} is not allowed; choose from {allowed}")
-        return v
+        return check_algorithms(v)
 
     @model_validator(mode="after")
     def _one_source(self) -> JwtIssuerConfig:
@@ -155,6 +151,34 @@ def _b64json(segment: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise JwtRefusal("jwt.malformed")
     return doc
+
+
+def check_algorithms(algorithms: list[str]) -> list[str]:
+    """A configured algorithm list: public-key algorithms only (never `none` or HMAC), no repeats."""
+    for alg in algorithms:
+        if alg not in ALLOWED_ALGORITHMS:
+            allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
+            raise ValueError(f"algorithm {alg!r} is not allowed (never 'none' or HMAC); choose from {allowed}")
+    if len(set(algorithms)) != len(algorithms):
+        raise ValueError("an algorithm appears twice")
+    return algorithms
+
+
+def scopes_and_roles(claims: dict[str, Any], roles_claim: str) -> tuple[frozenset[str], frozenset[str]]:
+    """Scopes from ``scope`` (space-separated, RFC 8693 §4.2) or ``scp`` (array, or a string as some
+    issuers send it), and roles from `roles_claim` (an array of strings; anything else is ignored)."""
+    scope, scp = claims.get("scope"), claims.get("scp")
+    if isinstance(scope, str):
+        scopes = frozenset(scope.split())
+    elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
+        scopes = frozenset(scp)
+    elif isinstance(scp, str):  # e.g. Microsoft Entra ID
+        scopes = frozenset(scp.split())
+    else:
+        scopes = frozenset()
+    raw = claims.get(roles_claim)
+    roles = frozenset(r for r in raw if isinstance(r, str)) if isinstance(raw, list) else frozenset()
+    return scopes, roles
 
 
 Fetch = Callable[[str], bytes]
@@ -531,18 +555,7 @@ class JwtVerifier:
             raise JwtRefusal("jwt.missing_sub")
         if not isinstance(tenant, str) or not tenant:
             raise JwtRefusal("jwt.missing_tenant")
-        scope = claims.get("scope")
-        scp = claims.get("scp")
-        if isinstance(scope, str):
-            scopes = frozenset(scope.split())
-        elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
-            scopes = frozenset(scp)
-        elif isinstance(scp, str):  # some issuers (e.g. Microsoft Entra ID) send scp as a string
-            scopes = frozenset(scp.split())
-        else:
-            scopes = frozenset()
-        roles_raw = claims.get(icfg.roles_claim)
-        roles = frozenset(r for r in roles_raw if isinstance(r, str)) if isinstance(roles_raw, list) else frozenset()
+        scopes, roles = scopes_and_roles(claims, icfg.roles_claim)
         client = claims.get("client_id", claims.get("azp"))
         jti = claims.get("jti")
         jkt, x5t = confirmation(claims.get("cnf"), "jwt")

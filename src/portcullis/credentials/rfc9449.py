@@ -75,10 +75,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from portcullis.credentials.jwt import (
-    ALLOWED_ALGORITHMS,
     MIN_RSA_BITS,
     PublicKey,
     b64decode,
+    check_algorithms,
     verify_signature,
 )
 
@@ -108,13 +108,7 @@ class DpopConfig(BaseModel):
     def _algs(cls, v: list[str]) -> list[str]:
         # RFC 9449 §4.2: alg "MUST NOT be none or an identifier for a symmetric algorithm
         # (Message Authentication Code (MAC))."
-        for alg in v:
-            if alg not in ALLOWED_ALGORITHMS:
-                allowed = ", ".join(sorted(ALLOWED_ALGORITHMS))
-                raise ValueError(f"algorithm {alg!r} is not allowed (never 'none' or HMAC); choose from {allowed}")
-        if len(set(v)) != len(v):
-            raise ValueError("an algorithm appears twice")
-        return v
+        return check_algorithms(v)
 
 
 class DpopRefusal(Exception):
