@@ -176,7 +176,7 @@ def keys_list(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
     from portcullis.gateway import open_key_store
 
-    store, _ = open_key_store(_data_dir(config, data_dir))
+    store, _ = open_key_store(_data_dir(config, data_dir), create=False)
     records = store.list()
     store.close()
     now = time.time()

@@ -239,5 +239,5 @@ def load_config(path: Path) -> LoadedConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read ({type(exc).__name__}: {exc.args[-1] if exc.args else ''})"]) from None
+        raise ConfigError([f"(file): cannot read ({type(exc).__name__}: {exc.args[-1] if exc.args else ''})"]) from None
     return parse_config(text, path.resolve())

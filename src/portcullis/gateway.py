@@ -113,9 +113,12 @@ def _ensure_dir(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def open_key_store(data_dir: Path) -> tuple[SqliteKeyStore, KeyHasher]:
-    """The key store and its hasher; creates both only in a fresh data directory."""
+def open_key_store(data_dir: Path, *, create: bool = True) -> tuple[SqliteKeyStore, KeyHasher]:
+    """The key store and its hasher; creates both only in a fresh data directory, and
+    only when `create` (commands that merely read or revoke never make a new store)."""
     paths = DataPaths(data_dir)
+    if not create and not paths.keys_db.exists():
+        raise SecretsError(f"{data_dir}: no key store here (is this the gateway's data directory?)")
     _ensure_dir(data_dir)
     pepper = load_or_create_pepper(paths.pepper, may_create=not paths.keys_db.exists())
     return SqliteKeyStore(paths.keys_db), KeyHasher(pepper)

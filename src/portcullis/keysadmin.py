@@ -7,7 +7,7 @@ from pathlib import Path
 
 from portcullis.audit.events import AuditEvent
 from portcullis.credentials import apikeys
-from portcullis.gateway import open_audit_store, open_key_store
+from portcullis.gateway import DataPaths, SecretsError, open_audit_store, open_key_store
 from portcullis.storage.protocols import (
     ApiKeyRecord,
     KeyExistsError,
@@ -27,6 +27,11 @@ def _admin_event(data_dir: Path, action: str, key_id: str, tenant: str, extra: d
         )])
     finally:
         store.close()
+
+
+def _require_key_store(data_dir: Path) -> None:
+    if not DataPaths(data_dir).keys_db.exists():
+        raise SecretsError(f"{data_dir}: no key store here (is this the gateway's data directory?)")
 
 
 def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], roles: list[str],
@@ -58,8 +63,9 @@ def create_key(data_dir: Path, *, name: str, tenant: str, scopes: list[str], rol
 
 def revoke_key(data_dir: Path, key_id: str) -> bool:
     """Revoke at once; False if there is no such active key."""
+    _require_key_store(data_dir)
     open_audit_store(data_dir).close()  # fail before any change if the audit log is unusable
-    store, _ = open_key_store(data_dir)
+    store, _ = open_key_store(data_dir, create=False)
     try:
         rec = store.get(key_id)
         ok = store.revoke(key_id, time.time())
@@ -77,8 +83,9 @@ def revoke_tokens(data_dir: Path, kind: RevocationKind, value: str, *, expires_a
     False if the same revocation already exists. A running gateway applies it within
     its poll interval (`keys.revocation_poll_seconds`).
     """
+    _require_key_store(data_dir)
     open_audit_store(data_dir).close()  # fail before any change if the audit log is unusable
-    store, _ = open_key_store(data_dir)
+    store, _ = open_key_store(data_dir, create=False)
     try:
         added = store.revoke_tokens(RevocationRecord(kind, value, time.time(), expires_at, reason))
     finally:
@@ -90,7 +97,7 @@ def revoke_tokens(data_dir: Path, kind: RevocationKind, value: str, *, expires_a
 
 
 def token_revocations(data_dir: Path) -> list[RevocationRecord]:
-    store, _ = open_key_store(data_dir)
+    store, _ = open_key_store(data_dir, create=False)
     try:
         return store.revocations(time.time())
     finally:

@@ -207,3 +207,14 @@ def test_audit_verify_detects_tampering_via_cli(tmp_path: Path) -> None:
     res = cli("audit", "verify", "--config", str(cfg))
     assert res.returncode == 1
     assert "TAMPERED" in res.stderr and "2" in res.stderr
+
+
+def test_read_only_key_commands_never_create_a_store(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-data-dir"
+    empty.mkdir()
+    for args in (["keys", "list"], ["keys", "revoke", "Abcdefgh"], ["tokens", "revoked"],
+                 ["tokens", "revoke", "--sub", "x"]):
+        res = cli(*args, "--data-dir", str(empty))
+        assert res.returncode == 1, (args, res.stderr)
+        assert "no key store here" in res.stderr
+    assert list(empty.iterdir()) == []  # nothing half-written
