@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,28 @@ http {{
 }}
 """)
     return conf
+
+
+def start_nginx(tmp: Path, procs: list[subprocess.Popen[bytes]], *, forward_for: bool = True) -> None:
+    """The upstream nginx (fixed JSON, CPU 1) and the reference nginx proxy_pass (CPU 0)."""
+    up = nginx_conf(tmp, "upstream", f"""server {{ listen 127.0.0.1:{UP};
+      location / {{ default_type application/json; return 200 '{BODY}'; }} }}""")
+    xff = "proxy_set_header X-Forwarded-For $remote_addr;" if forward_for else ""
+    ngx = nginx_conf(tmp, "proxy", f"""upstream app {{ server 127.0.0.1:{UP}; keepalive 64; }}
+      server {{ listen 127.0.0.1:{NGX};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; {xff} }} }}""")
+    procs.append(subprocess.Popen([*taskset("1"), "nginx", "-c", str(up), "-p", str(tmp)]))
+    procs.append(subprocess.Popen([*taskset("0"), "nginx", "-c", str(ngx), "-p", str(tmp)]))
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the newest first (the gateway before the nginx it talks to), each in turn."""
+    for proc in reversed(procs):
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 20) -> None:
@@ -116,14 +137,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        up = nginx_conf(tmp, "upstream", f"""server {{ listen 127.0.0.1:{UP};
-          location / {{ default_type application/json; return 200 '{BODY}'; }} }}""")
-        ngx = nginx_conf(tmp, "proxy", f"""upstream app {{ server 127.0.0.1:{UP}; keepalive 64; }}
-          server {{ listen 127.0.0.1:{NGX};
-            location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
-                         proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
-        procs.append(subprocess.Popen([*taskset("1"), "nginx", "-c", str(up), "-p", str(tmp)]))
-        procs.append(subprocess.Popen([*taskset("0"), "nginx", "-c", str(ngx), "-p", str(tmp)]))
+        start_nginx(tmp, procs)
         cfg = tmp / "portcullis.yaml"
         cfg.write_text(f"""
 data_dir: ./data
@@ -192,13 +206,7 @@ routes:
 audit: {audit_rows}""")
         return 0
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

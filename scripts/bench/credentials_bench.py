@@ -31,7 +31,7 @@ from joserfc.jwk import ECKey, OKPKey
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench import BODY, NGX, PATH, PCL, UP, cpu_seconds, nginx_conf, taskset, wait_http  # noqa: E402
+from bench import NGX, PATH, PCL, UP, cpu_seconds, start_nginx, stop_all, taskset, wait_http  # noqa: E402
 from portcullis.credentials.rfc9449 import jwk_thumbprint  # noqa: E402
 
 ROOT = HERE.parents[1]
@@ -77,13 +77,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="portcullis-credbench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        up = nginx_conf(tmp, "upstream", f"""server {{ listen 127.0.0.1:{UP};
-          location / {{ default_type application/json; return 200 '{BODY}'; }} }}""")
-        ngx = nginx_conf(tmp, "proxy", f"""upstream app {{ server 127.0.0.1:{UP}; keepalive 64; }}
-          server {{ listen 127.0.0.1:{NGX};
-            location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""")
-        procs.append(subprocess.Popen([*taskset("1"), "nginx", "-c", str(up), "-p", str(tmp)]))
-        procs.append(subprocess.Popen([*taskset("0"), "nginx", "-c", str(ngx), "-p", str(tmp)]))
+        start_nginx(tmp, procs, forward_for=False)
         issuer_key = ECKey.generate_key("P-256", parameters={"kid": "bench"})
         (tmp / "jwks.json").write_text(json.dumps({"keys": [issuer_key.as_dict(private=False)]}))
         cfg = tmp / "portcullis.yaml"
@@ -154,12 +148,7 @@ end
             print(f"| {name} | {r['rps']:.0f} | {r['rps'] / base:.1%} | {r['cpu_us']:.0f} | {r['non2xx']:.0f} |")
         return 0
     finally:
-        for p in reversed(procs):  # the gateway first, then the nginx it talks to
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

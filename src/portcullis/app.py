@@ -174,7 +174,7 @@ class GatewayApp:
             headers = [*up.headers, *ex.response_headers, (self._rid_header, ex.request_id.encode()),
                        *self.static_headers]
             await send({"type": "http.response.start", "status": up.status, "headers": headers})
-            expected = _content_length(up.headers)
+            expected = up.content_length
             done = False
             if up.body is not None:
                 try:
@@ -199,12 +199,6 @@ class GatewayApp:
             if up.release is not None:
                 up.release()
 
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for k, v in headers:
-        if k == b"content-length":
-            return int(v)
-    return None
 
 
 async def _no_body() -> dict[str, Any]:

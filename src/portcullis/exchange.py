@@ -52,6 +52,7 @@ class UpstreamResponse:
     headers: Headers
     body: AsyncIterator[bytes] | None
     release: Callable[[], None] | None = None
+    content_length: int | None = None  # as declared in `headers` (None: chunked or close-delimited)
 
 
 @dataclass(slots=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from portcullis import __version__
 from portcullis.app import GatewayApp
 from portcullis.audit.keys import load_or_create_audit_key
 from portcullis.audit.sqlite import SqliteAuditStore
@@ -20,6 +20,7 @@ from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
 from portcullis.netutil import TrustedProxies
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
+from portcullis.secretfile import create_once
 from portcullis.stages.authenticate import AuthenticateStage, KeyCache
 from portcullis.stages.authorize import AuthorizeStage
 from portcullis.stages.limit import LimitStage
@@ -69,20 +70,11 @@ class SecretsError(Exception):
 
 def load_or_create_secret(path: Path) -> bytes:
     """32 random bytes kept in `path` (0600); losing them only invalidates short-lived state."""
-    if path.exists():
-        data = path.read_bytes()
-        if len(data) >= 32:
-            return data
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return data
+    if path.exists() and len(data := path.read_bytes()) >= 32:
+        return data
+    path.unlink(missing_ok=True)  # too short to be ours: replace it
+    create_once(path, secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 def load_or_create_pepper(path: Path, *, may_create: bool = True) -> bytes:
@@ -99,14 +91,8 @@ def load_or_create_pepper(path: Path, *, may_create: bool = True) -> bytes:
     if not may_create:
         raise SecretsError(f"{path} is missing but the key store exists: every API key would fail. "
                            "Restore the file from a backup (or move the data directory aside to start over).")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return data
+    create_once(path, secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 def _ensure_dir(d: Path) -> None:
@@ -206,7 +192,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     app = GatewayApp(Pipeline(stages, completions), rid_header)
     if cfg.server.tls is not None and cfg.server.tls.hsts_max_age_seconds:
         app.static_headers.append((b"strict-transport-security", cfg.server.tls.hsts()))
-    metrics.info.labels(version=_version()).set(1)
+    metrics.info.labels(version=__version__).set(1)
 
     async def start() -> None:
         if introspector is not None:
@@ -234,8 +220,3 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     app.shutdown_hooks.append(stop)
     return Gateway(app, metrics, writer, keys, upstreams)
 
-
-def _version() -> str:
-    from portcullis import __version__
-
-    return __version__

@@ -121,11 +121,6 @@ def test_request_stages_in_process(benchmark: Any) -> None:
     assert ex.principal.tenant == "acme"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_gc() -> None:
-    """Benchmarks compare runs; nothing to set up beyond pytest-benchmark's own calibration."""
-
-
 # --- JWT verification (issue: credentials) ----------------------------------------
 JWT_NOW = 1_800_000_000.0
 

@@ -471,9 +471,11 @@ def test_wrong_method_is_405_with_allow(upstream: UpstreamThread, method: str, p
 def test_keep_alive_serves_several_requests(upstream: UpstreamThread) -> None:
     conn = http.client.HTTPConnection(upstream.host, upstream.port, timeout=5)
     try:
+        statuses = []
         for path in ("/v1/health", "/bench", "/nope", "/v1/tenants/acme/invoices"):
             conn.request("GET", path)
-            Reply(conn.getresponse())
+            statuses.append(Reply(conn.getresponse()).status)
+        assert statuses == [200, 200, 404, 200]  # one connection, four answers
     finally:
         conn.close()
 

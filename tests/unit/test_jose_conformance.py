@@ -519,7 +519,7 @@ class TestRfc8037AppendixA:
         assert key_count(import_keys({"keys": [RFC8037["jwk"]]})) == 0
 
     def test_dpop_import_accepts_the_key(self) -> None:
-        rfc9449._public_key(self.public)
+        assert rfc9449._public_key(self.public) is not None
 
 
 COOKBOOK_JWS = {

@@ -427,8 +427,6 @@ async def test_a_respelled_signature_is_refused() -> None:
 async def test_ecdsa_malleability_does_not_change_the_credential_id() -> None:
     """(r, n - s) is also a valid ECDSA signature: the credential id of a jti-less token hashes
     the signed part, so both spellings are one credential (and one revocation)."""
-    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1  # noqa: F401 - documents the curve
-
     n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 group order
     head, body, sig = sign(EC, "ES256", claims(jti=None)).split(b".")
     raw = base64.urlsafe_b64decode(sig + b"=" * (-len(sig) % 4))

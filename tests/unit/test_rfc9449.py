@@ -271,12 +271,12 @@ def test_algorithm_outside_the_allowlist() -> None:
 
 
 def test_no_access_token_no_ath_needed() -> None:
-    verify(verifier(), make(body=claims(ath=None)), access_token=None)
+    assert verify(verifier(), make(body=claims(ath=None)), access_token=None).jkt
 
 
 def test_typ_with_media_type_prefix() -> None:
     # RFC 7515 §4.1.9: "application/" may be present; media types compare case-insensitively.
-    verify(verifier(), make(typ="application/DPoP+JWT"))
+    assert verify(verifier(), make(typ="application/DPoP+JWT")).jkt
 
 
 # --- Attacks, each with its reason -----------------------------------------------------------
@@ -469,7 +469,7 @@ def test_htu_missing_or_not_a_string() -> None:
     ("http://api.example.com:80/", "http://api.example.com"),
 ])
 def test_htu_equal_after_normalization(htu: str, url: str) -> None:
-    verify(verifier(), make(body=claims(htu=htu)), url=url)
+    assert verify(verifier(), make(body=claims(htu=htu)), url=url).jkt
 
 
 def test_iat_window() -> None:

@@ -269,8 +269,6 @@ async def test_token_revocations_by_jti_subject_and_client() -> None:
 
 
 async def test_route_audience_must_be_in_the_token() -> None:
-    from portcullis.credentials.jwt import JwtRefusal  # noqa: F401 - the stage maps refusals
-
     route_router = Router([RouteConfig(name="b", path="/b", methods=["GET"], upstream="u", auth=["jwt"],
                                        audience="https://billing.example")])
 

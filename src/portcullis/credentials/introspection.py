@@ -29,11 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from portcullis.credentials.jwt import (
     JwtRefusal,
-    _audiences,
-    _str_or_none,
-    _str_tuple,
+    audiences,
     confirmation,
     scopes_and_roles,
+    str_claim,
+    str_list_claim,
+    subject_and_tenant,
 )
 from portcullis.exchange import Principal
 from portcullis.upstream_client import Pool, PoolConfig, UpstreamError
@@ -199,18 +200,10 @@ class Introspector:
                 raise JwtRefusal("introspection.expired", "The access token has expired.")
         if cfg.issuer is not None and doc.get("iss") != cfg.issuer:
             raise JwtRefusal("introspection.wrong_issuer")
-        if cfg.audience is not None:
-            aud = doc.get("aud")
-            auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-            if cfg.audience not in auds:
-                raise JwtRefusal("introspection.bad_audience")
+        if cfg.audience is not None and cfg.audience not in audiences(doc.get("aud")):
+            raise JwtRefusal("introspection.bad_audience")
         jkt, x5t = confirmation(doc.get("cnf"), "introspection")
-        sub = doc.get("sub")
-        tenant = doc.get(cfg.tenant_claim)
-        if not isinstance(sub, str) or not sub:
-            raise JwtRefusal("introspection.missing_sub")
-        if not isinstance(tenant, str) or not tenant:
-            raise JwtRefusal("introspection.missing_tenant")
+        sub, tenant = subject_and_tenant(doc, cfg.tenant_claim, "introspection")
         scopes, roles = scopes_and_roles(doc, cfg.roles_claim)
         client = doc.get("client_id")
         jti = doc.get("jti")
@@ -219,7 +212,7 @@ class Introspector:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="opaque", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
-            audiences=_audiences(doc.get("aud")), acr=_str_or_none(doc.get("acr")), amr=_str_tuple(doc.get("amr")),
+            audiences=audiences(doc.get("aud")), acr=str_claim(doc.get("acr")), amr=str_list_claim(doc.get("amr")),
             limit_key=f"opaque:{client if isinstance(client, str) else 'sub:' + sub}",
         )
         until = now + cfg.cache_seconds

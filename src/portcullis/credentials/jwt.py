@@ -539,9 +539,7 @@ class JwtVerifier:
             raise JwtRefusal("jwt.issued_in_future")
         if claims.get("iss") != icfg.issuer:  # exact, again, on the verified claims
             raise JwtRefusal("jwt.unknown_issuer")
-        aud = claims.get("aud")
-        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if icfg.audience not in auds:
+        if icfg.audience not in audiences(claims.get("aud")):
             raise JwtRefusal("jwt.bad_audience")
         if "nonce" in claims or "at_hash" in claims:
             raise JwtRefusal("jwt.id_token")  # an ID token is not an access token
@@ -549,12 +547,7 @@ class JwtVerifier:
 
     @staticmethod
     def _principal(claims: dict[str, Any], icfg: JwtIssuerConfig, digest: bytes) -> Principal:
-        sub = claims.get("sub")
-        tenant = claims.get(icfg.tenant_claim)
-        if not isinstance(sub, str) or not sub:
-            raise JwtRefusal("jwt.missing_sub")
-        if not isinstance(tenant, str) or not tenant:
-            raise JwtRefusal("jwt.missing_tenant")
+        sub, tenant = subject_and_tenant(claims, icfg.tenant_claim, "jwt")
         scopes, roles = scopes_and_roles(claims, icfg.roles_claim)
         client = claims.get("client_id", claims.get("azp"))
         jti = claims.get("jti")
@@ -564,8 +557,8 @@ class JwtVerifier:
             credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
             credential_kind="jwt", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
-            audiences=_audiences(claims.get("aud")), acr=_str_or_none(claims.get("acr")),
-            amr=_str_tuple(claims.get("amr")),
+            audiences=audiences(claims.get("aud")), acr=str_claim(claims.get("acr")),
+            amr=str_list_claim(claims.get("amr")),
             # Rate limits follow the client (or subject) across its tokens, per issuer.
             limit_key=f"jwt:{icfg.issuer}:{client if isinstance(client, str) else 'sub:' + sub}",
         )
@@ -590,7 +583,18 @@ def confirmation(cnf: object, prefix: str) -> tuple[str | None, str | None]:
     return jkt, x5t
 
 
-def _audiences(aud: object) -> frozenset[str]:
+def subject_and_tenant(claims: dict[str, Any], tenant_claim: str, prefix: str) -> tuple[str, str]:
+    """`sub` and the tenant claim, both required non-empty strings (`<prefix>.missing_*`)."""
+    sub, tenant = claims.get("sub"), claims.get(tenant_claim)
+    if not isinstance(sub, str) or not sub:
+        raise JwtRefusal(f"{prefix}.missing_sub")
+    if not isinstance(tenant, str) or not tenant:
+        raise JwtRefusal(f"{prefix}.missing_tenant")
+    return sub, tenant
+
+
+def audiences(aud: object) -> frozenset[str]:
+    """The `aud` claim as a set: a string or an array of strings (RFC 7519 §4.1.3)."""
     if isinstance(aud, str):
         return frozenset({aud})
     if isinstance(aud, list):
@@ -598,11 +602,11 @@ def _audiences(aud: object) -> frozenset[str]:
     return frozenset()
 
 
-def _str_or_none(v: object) -> str | None:
+def str_claim(v: object) -> str | None:
     return v if isinstance(v, str) and len(v) <= 256 else None
 
 
-def _str_tuple(v: object) -> tuple[str, ...]:
+def str_list_claim(v: object) -> tuple[str, ...]:
     return tuple(x for x in v if isinstance(x, str))[:16] if isinstance(v, list) else ()
 
 

@@ -184,9 +184,6 @@ class ProxyStage:
         out.append((b"host", ex.host.encode() if up.cfg.preserve_host and ex.host else up.host_header))
         return out
 
-    async def _read_whole(self, ex: Exchange) -> bytes:
-        return await read_body(ex, self._max_body)
-
     async def _stream(self, ex: Exchange) -> AsyncIterator[bytes]:
         total = 0
         while True:
@@ -198,7 +195,6 @@ class ProxyStage:
             total += len(body)
             ex.bytes_in = total
             if total > self._max_body:
-                ex.facts["body_too_large"] = True
                 raise BodyTooLargeError
             if body:
                 yield body
@@ -228,13 +224,13 @@ class ProxyStage:
             elif chunked or (cl is not None and cl != b"0"):
                 declared = int(cl) if cl is not None else None
                 if declared is not None and declared <= BUFFER_LIMIT:
-                    body = await self._read_whole(ex)  # small: read whole, replayable
+                    body = await read_body(ex, self._max_body)  # small: read whole, replayable
                 else:
                     body = self._stream(ex)
         except BodyTooLargeError:
-            return _too_large()
+            return too_large_problem()
         except ClientDisconnectedError:
-            return _gone()
+            return gone_problem()
         replayable = not isinstance(body, AsyncIterator)
         attempts = 1 + (up.cfg.retries if ex.method in IDEMPOTENT and replayable else 0)
         total = cfg.timeout_seconds or up.cfg.total_timeout
@@ -254,9 +250,9 @@ class ProxyStage:
             except UpstreamTimeoutError:
                 return Problem(504, "gateway-timeout", "upstream.timeout", "The upstream service timed out.")
             except BodyTooLargeError:
-                return _too_large()
+                return too_large_problem()
             except ClientDisconnectedError:
-                return _gone()
+                return gone_problem()
             except UpstreamError as exc:
                 log.warning("upstream %s error: %s", up.name, exc)
                 return Problem(502, "bad-gateway", "upstream.protocol_error", "The upstream service failed.")
@@ -273,15 +269,18 @@ class ProxyStage:
             headers=[(k, v) for k, v in raw if k not in _RESPONSE_DROP and k not in named],
             body=None if ex.method == "HEAD" else _body(resp, up.cfg.max_response_bytes, ex),
             release=resp.release,
+            content_length=length,
         )
         return None
 
 
-def _too_large() -> Problem:
+def too_large_problem() -> Problem:
+    """413 for a request body over `normalize.max_body_bytes` (declared or streamed)."""
     return Problem(413, "payload-too-large", "request.body_too_large", "The request body is too large.")
 
 
-def _gone() -> Problem:
+def gone_problem() -> Problem:
+    """The client disconnected before its body was read."""
     return Problem(400, "bad-request", "client.disconnected", "The client went away.")
 
 

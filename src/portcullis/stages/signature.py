@@ -28,7 +28,13 @@ from portcullis.credentials.rfc9421 import (
 from portcullis.exchange import Exchange, UpstreamResponse
 from portcullis.netutil import TrustedProxies, client_scheme
 from portcullis.problems import Problem
-from portcullis.stages.proxy import BodyTooLargeError, ClientDisconnectedError, read_body
+from portcullis.stages.proxy import (
+    BodyTooLargeError,
+    ClientDisconnectedError,
+    gone_problem,
+    read_body,
+    too_large_problem,
+)
 
 
 class ResponseSigningConfig(BaseModel):
@@ -124,9 +130,9 @@ class SignatureStage:
             try:
                 body = await read_body(ex, self._max_body)
             except BodyTooLargeError:
-                return Problem(413, "payload-too-large", "request.body_too_large", "The request body is too large.")
+                return too_large_problem()
             except ClientDisconnectedError:
-                return Problem(400, "bad-request", "client.disconnected", "The client went away.")
+                return gone_problem()
             ex.facts["body"] = body
         try:
             result = self._verifier.verify(
@@ -165,7 +171,8 @@ class SignatureStage:
         names = {k for k, _ in signed} | {b"content-length"}
         headers = [(k, v) for k, v in up.headers if k not in names]
         headers += [*signed, (b"content-length", str(len(body)).encode())]
-        ex.upstream = UpstreamResponse(up.status, headers, _one(body) if up.body is not None else None, up.release)
+        ex.upstream = UpstreamResponse(up.status, headers, _one(body) if up.body is not None else None, up.release,
+                                       content_length=len(body))
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
