@@ -98,7 +98,9 @@ class GatewayApp:
         try:
             for stage in self._request_stages:
                 problem = await stage(ex)
-                if problem is not None:
+                # A stage answers by refusing (a Problem) or by setting the response
+                # itself (the proxy, the authorization server): either ends the chain.
+                if problem is not None or ex.upstream is not None:
                     break
         except Exception as exc:
             log.error("stage failed: %s (request %s)", type(exc).__name__, ex.request_id)

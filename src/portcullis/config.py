@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from portcullis.credentials.introspection import IntrospectionConfig
 from portcullis.credentials.jwt import JwtConfig
 from portcullis.credentials.rfc9449 import DpopConfig
+from portcullis.oauth.config import AuthServerConfig
 from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
@@ -82,6 +83,7 @@ class GatewayConfig(BaseModel):
     introspection: IntrospectionConfig | None = None
     dpop: DpopConfig | None = None
     signatures: SignaturesConfig | None = None
+    auth_server: AuthServerConfig | None = None
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)

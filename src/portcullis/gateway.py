@@ -18,6 +18,7 @@ from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtConfig, JwtVerifier
 from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
 from portcullis.netutil import TrustedProxies
+from portcullis.oauth.service import AuthServer, build_auth_server
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
 from portcullis.secretfile import create_once
@@ -145,6 +146,7 @@ class Gateway:
     writer: AuditWriter
     keys: KeyCache
     upstreams: dict[str, Upstream]
+    auth_server: AuthServer | None = None
 
 
 def build_gateway(loaded: LoadedConfig) -> Gateway:
@@ -171,12 +173,18 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         dpop_nonces = DpopNonces(load_or_create_secret(DataPaths(data_dir).dpop_nonce_key),
                                  cfg.dpop.nonce_lifetime_seconds)
         dpop = DpopVerifier(cfg.dpop, nonces=dpop_nonces)
+    auth_server: AuthServer | None = None
+    if cfg.auth_server is not None:
+        auth_server = build_auth_server(cfg.auth_server, data_dir, hasher, key_store, trusted=trusted,
+                                        client_cert_header=cfg.normalize.client_cert_header)
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
     stages: list[Stage] = [
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),
+        # The authorization server answers its own paths on this origin (issue 4).
+        *([auth_server.stage] if auth_server is not None else []),
         RouteStage(Router(list(cfg.routes))),
         AuthenticateStage(keys, hasher, jwt=jwt, introspector=introspector, trusted=trusted,
                           client_cert_header=cfg.normalize.client_cert_header, dpop=dpop, dpop_nonces=dpop_nonces,
@@ -201,6 +209,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
             u.open()
         keys.start()
         writer.start()
+        if auth_server is not None:
+            await auth_server.start()
         if jwt is not None:
             # Warm the JWKS caches; an issuer that is down now is retried on first use.
             for source in jwt.issuers.values():
@@ -208,6 +218,8 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
 
     async def stop() -> None:
         await keys.stop()
+        if auth_server is not None:
+            await auth_server.stop()
         if introspector is not None:
             await introspector.close()
         for u in upstreams.values():
@@ -218,5 +230,5 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
 
     app.startup_hooks.append(start)
     app.shutdown_hooks.append(stop)
-    return Gateway(app, metrics, writer, keys, upstreams)
+    return Gateway(app, metrics, writer, keys, upstreams, auth_server)
 

@@ -296,19 +296,23 @@ class AuthenticateStage:
         return f"{scheme}://{ex.host or 'localhost'}{ex.raw_path.decode('ascii')}"
 
     def _client_cert(self, ex: Exchange) -> bytes | None:
-        """The client certificate (DER): from our own TLS connection, or from a trusted
-        TLS-terminating proxy's header (never from anyone else)."""
-        tls = ex.scope.get("extensions", {}).get("tls")
-        if tls is not None and tls.get("client_cert_der"):
-            return bytes(tls["client_cert_der"])
-        if self._cert_header is None or self._trusted is None:
-            return None
-        if not self._trusted.is_trusted(ex.facts.get("peer", "")):
-            return None
-        values = [v for k, v in ex.headers if k == self._cert_header]
-        if len(values) != 1 or len(values[0]) > 16384:
-            return None
-        try:
-            return ssl.PEM_cert_to_DER_cert(unquote(values[0].decode("ascii")))
-        except (ValueError, UnicodeDecodeError):
-            return None
+        return client_certificate(ex, self._cert_header, self._trusted)
+
+
+def client_certificate(ex: Exchange, cert_header: bytes | None, trusted: TrustedProxies | None) -> bytes | None:
+    """The client certificate (DER): from our own TLS connection, or from a trusted
+    TLS-terminating proxy's header (never from anyone else)."""
+    tls = ex.scope.get("extensions", {}).get("tls")
+    if tls is not None and tls.get("client_cert_der"):
+        return bytes(tls["client_cert_der"])
+    if cert_header is None or trusted is None:
+        return None
+    if not trusted.is_trusted(ex.facts.get("peer", "")):
+        return None
+    values = [v for k, v in ex.headers if k == cert_header]
+    if len(values) != 1 or len(values[0]) > 16384:
+        return None
+    try:
+        return ssl.PEM_cert_to_DER_cert(unquote(values[0].decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return None

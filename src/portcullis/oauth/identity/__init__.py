@@ -1,0 +1,12 @@
+"""Placeholder: replaced by the identity area (see ../service.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portcullis.oauth.service import AuthContext
+
+
+def install(ctx: AuthContext) -> None:
+    """Register the identity pages and set `ctx.sessions`."""
