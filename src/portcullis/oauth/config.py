@@ -1,5 +1,5 @@
 """`auth_server:` in the config file. Lifetimes are bounded by the security rules:
-access tokens 5–15 minutes (DESIGN.md), codes at most 60 s (issue 4)."""
+access tokens 5-15 minutes (DESIGN.md), codes at most 60 s (issue 4)."""
 
 from __future__ import annotations
 

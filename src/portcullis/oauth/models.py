@@ -27,7 +27,7 @@ GRANT_TYPES: tuple[str, ...] = ("authorization_code", "client_credentials", "ref
 MfaPolicy = Literal["optional", "required", "phishing_resistant"]
 
 # Authentication context classes this server asserts (`acr`, OIDC Core §2), weakest first.
-ACR_PASSWORD = "urn:portcullis:acr:pwd"
+ACR_PASSWORD = "urn:portcullis:acr:pwd"  # noqa: S105 - a URN, not a secret
 ACR_MFA = "urn:portcullis:acr:mfa"
 ACR_PHISHING_RESISTANT = "urn:portcullis:acr:phr"
 ACR_ORDER: tuple[str, ...] = (ACR_PASSWORD, ACR_MFA, ACR_PHISHING_RESISTANT)

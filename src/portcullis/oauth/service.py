@@ -98,7 +98,7 @@ def auth_db_path(data_dir: Path) -> Path:
     return data_dir / "oauth.db"
 
 
-def open_context(cfg: AuthServerConfig, data_dir: Path, hasher: KeyHasher, revocations: RevocationStore,
+def open_context(cfg: AuthServerConfig, data_dir: Path, hasher: KeyHasher, revocations: RevocationStore, *,
                  trusted: TrustedProxies | None = None, clock: Callable[[], float] = time.time) -> AuthContext:
     """Open the store (creating every table) and the Authlib core, nothing installed yet."""
     # Importing the areas declares their tables on `db.metadata` before AuthDb creates them.
@@ -117,7 +117,7 @@ def build_auth_server(cfg: AuthServerConfig, data_dir: Path, hasher: KeyHasher, 
     """The whole server over `data_dir`, ready to mount after the normalize stage."""
     from portcullis.oauth import authorize, identity, tokens
 
-    ctx = open_context(cfg, data_dir, hasher, revocations, trusted, clock)
+    ctx = open_context(cfg, data_dir, hasher, revocations, trusted=trusted, clock=clock)
     identity.install(ctx)
     tokens.install(ctx)
     authorize.install(ctx)
