@@ -24,6 +24,11 @@ from portcullis.oauth.server import AuthorizationServer
 from portcullis.storage.protocols import RevocationStore
 
 Hook = Callable[[], Awaitable[None]]
+#: Revokes a token the server issued if it is one of the area's (e.g. a refresh token):
+#: (token, requesting client_id) -> True when it was recognised (RFC 7009 §2.1).
+TokenRevoker = Callable[[str, str], bool]
+#: Introspects a token if it is one of the area's: (token) -> RFC 7662 §2.2 document, or None.
+TokenIntrospector = Callable[[str], "dict[str, Any] | None"]
 
 
 class SigningKeys(Protocol):
@@ -59,6 +64,11 @@ class AuthContext:
     clock: Callable[[], float] = time.time
     keys: SigningKeys | None = None
     sessions: Sessions | None = None
+    # Discovery metadata (RFC 8414 §2, OIDC Discovery §3): each area adds its endpoints
+    # and capabilities; the discovery documents serve the merged dict.
+    metadata: dict[str, Any] = field(default_factory=dict)
+    token_revokers: list[TokenRevoker] = field(default_factory=list)
+    token_introspectors: list[TokenIntrospector] = field(default_factory=list)
     startup: list[Hook] = field(default_factory=list)
     shutdown: list[Hook] = field(default_factory=list)
 
