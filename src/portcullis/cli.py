@@ -395,6 +395,7 @@ def tokens_revoked(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
 def main() -> None:
     """Entry point of the `portcullis` script."""
+    import portcullis.cli_oauth  # noqa: F401 - registers the authorization server's commands
     from portcullis.audit.store import AuditStoreError
     from portcullis.gateway import SecretsError
 

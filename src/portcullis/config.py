@@ -20,6 +20,7 @@ from portcullis.credentials.introspection import IntrospectionConfig
 from portcullis.credentials.jwt import JwtConfig
 from portcullis.credentials.rfc9449 import DpopConfig
 from portcullis.oauth.config import AuthServerConfig
+from portcullis.oauth.http import AsRoutes
 from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
@@ -28,7 +29,8 @@ from portcullis.stages.signature import SignaturesConfig
 from portcullis.tls import TlsConfig
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+AS_PATH_PREFIXES = AsRoutes.PREFIXES
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 class ListenConfig(BaseModel):
@@ -93,7 +95,7 @@ class GatewayConfig(BaseModel):
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name in v:
-            if not _NAME.fullmatch(name):
+            if not NAME_PATTERN.fullmatch(name):
                 raise ValueError(f"invalid name {name!r}: 1-100 ASCII letters, digits, '-', '_', '.'")
         return v
 
@@ -140,6 +142,11 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def _cross_check(cfg: GatewayConfig) -> list[str]:
     errors: list[str] = []
+    if cfg.auth_server is not None and cfg.jwt is not None:
+        for i, iss in enumerate(cfg.jwt.issuers):
+            if iss.issuer.rstrip("/") == cfg.auth_server.issuer:
+                errors.append(f"jwt.issuers[{i}].issuer: the built-in authorization server's issuer is trusted "
+                              "already; remove this entry")
     names: dict[str, int] = {}
     seen: dict[tuple[str | None, str, tuple[tuple[str, bool], ...]], int] = {}
     for i, r in enumerate(cfg.routes):
@@ -165,8 +172,12 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
                 errors.append(f"{at}: a public route cannot also require auth, scopes, roles or a tenant")
         elif not r.auth:
             errors.append(f"{at}: no auth requirement; add 'auth: [api_key]' or mark it 'public: true'")
-        if "jwt" in r.auth and cfg.jwt is None:
-            errors.append(f"{at}.auth: 'jwt' needs a top-level 'jwt:' section with trusted issuers")
+        if "jwt" in r.auth and cfg.jwt is None and cfg.auth_server is None:
+            errors.append(f"{at}.auth: 'jwt' needs a top-level 'jwt:' section with trusted issuers "
+                          "(or 'auth_server:', whose tokens the gateway trusts)")
+        if cfg.auth_server is not None and r.path.startswith(AS_PATH_PREFIXES):
+            errors.append(f"{at}.path: {r.path!r} is the authorization server's "
+                          f"({', '.join(AS_PATH_PREFIXES)} are reserved when 'auth_server:' is set)")
         if r.require_signature and cfg.signatures is None:
             errors.append(f"{at}.require_signature: needs a top-level 'signatures:' section with partner keys")
         if r.sign_responses and (cfg.signatures is None or cfg.signatures.response_signing is None):
