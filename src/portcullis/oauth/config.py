@@ -4,8 +4,9 @@ access tokens 5-15 minutes (DESIGN.md), codes at most 60 s (issue 4)."""
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class LoginThrottleConfig(BaseModel):
@@ -59,7 +60,20 @@ class AuthServerConfig(BaseModel):
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, v: str) -> str:
+        # RFC 8414 §2 / OIDC Discovery §3: the issuer is an https URL; plain http only on
+        # loopback, for development and the demo (cookies cannot be Secure there).
+        host = urlsplit(v).hostname or ""
+        if v.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the issuer must use https (http only for 127.0.0.1, ::1 or localhost)")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> AuthServerConfig:
+        if self.refresh_idle_seconds > self.refresh_absolute_seconds:
+            raise ValueError("refresh_idle_seconds cannot exceed refresh_absolute_seconds")
+        if self.session_idle_seconds > self.session_absolute_seconds:
+            raise ValueError("session_idle_seconds cannot exceed session_absolute_seconds")
+        return self
 
     @property
     def audience(self) -> str:
