@@ -215,12 +215,12 @@ class AuthServerStage:
         if body is None:
             return Problem(413, "payload-too-large", "oauth.body_too_large",
                            f"Bodies here are limited to {MAX_FORM_BYTES} bytes.")
+        req: AsRequest | None = None
         try:
             req = self._request(ex, body)
             resp = await handler(req)
         except BadRequest as exc:
             resp = oauth_error("invalid_request", str(exc), reason="oauth.malformed")
-            req = None
         ex.decision, ex.reason = resp.decision, resp.reason
         if resp.principal is not None:
             ex.principal = resp.principal
