@@ -1,0 +1,576 @@
+"""The Cedar policy engine: load, validate, decide, cache, reload.
+
+Sources, in this order: the shipped library policies enabled by ``policy.library``, then
+the operator's ``*.cedar`` files in ``policy.dir`` (sorted by name). The schema is the
+dir's ``*.cedarschema`` file if there is one, else the one `mapping.generate_schema`
+derives from the config. Everything is validated against the schema (a typo in an
+attribute, entity type or action name is an error naming the file and line), the
+schema's actions are checked against the route names, and one probe request per route
+is built by the mapping and checked against the schema, so policies, schema and mapping
+cannot drift apart silently.
+
+State is parsed once into cedarpy handles (`PolicySet`, `Entities`) and swapped
+atomically: a decision reads the state once, so it runs wholly on the old or wholly on
+the new set. A reload that fails keeps the old state and reports the error.
+
+Decisions fail closed: anything but a clean Cedar ``Allow`` with no diagnostics errors
+is a deny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+from portcullis.exchange import Principal
+from portcullis.policy.config import PolicyConfig
+from portcullis.policy.mapping import (
+    LIBRARY_DIR,
+    DecisionInput,
+    RequestMapper,
+    RouteLike,
+    check_routes,
+    generate_schema,
+    template_params,
+)
+from portcullis.policy.owners import Owner
+
+log = logging.getLogger("portcullis.policy")
+
+MAX_POLICY_FILE_BYTES = 1024 * 1024
+MAX_POLICY_FILES = 500
+MAX_PRINCIPAL_ENTITIES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyProblem:
+    """One problem in the policy sources, located as precisely as Cedar allows."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    policy: str | None = None  # the @id annotation, if the policy has one
+
+    def __str__(self) -> str:
+        where = self.file or "(policy)"
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.policy:
+            where += f" [{self.policy}]"
+        return f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    """The policies, schema or mapping are invalid; ``problems`` says where."""
+
+    def __init__(self, problems: list[PolicyProblem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A decision: ``policies`` are the ids of the policies that determined it (the
+    permits for an allow, the forbids for an explicit deny; empty for a default deny),
+    ``errors`` Cedar's diagnostics or the engine's (any error denies)."""
+
+    allowed: bool
+    policies: tuple[str, ...]
+    errors: tuple[str, ...] = ()
+    cached: bool = False
+    generation: int = 0
+
+    @property
+    def reason(self) -> str:
+        """A reason code for the audit event."""
+        if self.allowed:
+            return "policy.allow"
+        if self.errors:
+            return "policy.error"
+        return "policy.forbid" if self.policies else "policy.no_permit"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """Where a policy of the loaded set came from."""
+
+    label: str  # the @id annotation, else "<file>:<line>"
+    file: str
+    line: int
+    text: str
+
+
+@dataclass(slots=True)
+class _State:
+    generation: int
+    policies: cedarpy.PolicySet
+    schema: cedarpy.Schema
+    base: cedarpy.Entities
+    mapper: RequestMapper
+    info: dict[str, PolicyInfo]  # Cedar's positional id -> where it came from
+    fingerprint: tuple[tuple[str, str], ...]  # (file, sha256) of every operator source
+    schema_text: str
+    principals: OrderedDict[str, cedarpy.Entities] = field(default_factory=OrderedDict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What a reload check did: ``changed`` False means nothing to do."""
+
+    changed: bool
+    ok: bool
+    generation: int
+    problems: tuple[PolicyProblem, ...] = ()
+
+
+# ---------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    file: str
+    line: int
+    text: str
+
+
+def split_statements(text: str, file: str) -> list[_Statement]:
+    """Split Cedar policy text into statements at top-level ``;`` (outside strings and
+    ``//`` comments), each with the line its first token is on."""
+    out: list[_Statement] = []
+    i, n, line = 0, len(text), 1
+    start: int | None = None
+    start_line = 1
+    seg_begin = 0
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+            i += 1
+            continue
+        if c == "/" and text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if c.isspace():
+            i += 1
+            continue
+        if start is None:
+            start, start_line = i, line
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                if text[i] == "\\":
+                    i += 1
+                elif text[i] == "\n":
+                    line += 1
+                i += 1
+            i += 1
+            continue
+        if c == ";":
+            out.append(_Statement(file, start_line, text[seg_begin:i + 1]))
+            start = None
+            seg_begin = i + 1
+        i += 1
+    if start is not None:  # trailing text without ';': let Cedar report it
+        out.append(_Statement(file, start_line, text[seg_begin:]))
+    return out
+
+
+_ID_ANNOTATION = re.compile(r'@id\s*\(\s*"((?:[^"\\]|\\.)*)"\s*\)')
+_SCHEMA_ACTION = re.compile(r'^action\s+((?:"(?:[^"\\]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*)'
+                            r'(?:\s*,\s*(?:"(?:[^"\\]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*))*)', re.M)
+
+
+def schema_actions(schema: cedarpy.Schema) -> set[str]:
+    """The action names a schema declares (read from its normalized Cedar rendering)."""
+    names: set[str] = set()
+    for m in _SCHEMA_ACTION.finditer(str(schema)):
+        for part in re.findall(r'"((?:[^"\\]|\\.)*)"|([A-Za-z_][A-Za-z0-9_]*)', m.group(1)):
+            names.add(json.loads(f'"{part[0]}"') if part[0] or not part[1] else part[1])
+    return names
+
+
+def _read(path: Path) -> str:
+    data = path.read_bytes()
+    if len(data) > MAX_POLICY_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_POLICY_FILE_BYTES} bytes")
+    return data.decode("utf-8")
+
+
+def scan_dir(policy_dir: Path | None) -> tuple[list[Path], list[Path]]:
+    """The operator's policy files and schema files in ``policy_dir``, sorted."""
+    if policy_dir is None:
+        return [], []
+    files = sorted(p for p in policy_dir.glob("*.cedar") if p.is_file())
+    schemas = sorted(p for p in policy_dir.glob("*.cedarschema") if p.is_file())
+    return files, schemas
+
+
+_generations = itertools.count(1)
+
+
+def _probe_principal(tenant: str) -> Principal:
+    return Principal(subject="probe", tenant=tenant, credential_id="probe", credential_kind="jwt",
+                     scopes=frozenset(), roles=frozenset(), acr="", amr=(), auth_time=0.0)
+
+
+def build_state(cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path | None) -> _State:
+    """Load, validate and parse everything; `PolicyError` listing every problem found."""
+    problems: list[PolicyProblem] = []
+    route_problems = check_routes(cfg, routes)
+    problems += [PolicyProblem(e, file="config") for e in route_problems]
+    mapper = RequestMapper(cfg, routes)
+
+    files, schema_files = scan_dir(policy_dir)
+    if policy_dir is not None and not policy_dir.is_dir():
+        problems.append(PolicyProblem("policy directory does not exist", file=str(policy_dir)))
+    if len(files) > MAX_POLICY_FILES:
+        problems.append(PolicyProblem(f"more than {MAX_POLICY_FILES} policy files", file=str(policy_dir)))
+        files = files[:MAX_POLICY_FILES]
+    digest: list[tuple[str, str]] = []
+
+    # Schema.
+    schema_text: str | None = None
+    schema_name = "(generated schema)"
+    if len(schema_files) > 1:
+        problems.append(PolicyProblem("more than one *.cedarschema file; keep one", file=str(policy_dir)))
+    elif schema_files:
+        schema_name = str(schema_files[0])
+        try:
+            schema_text = _read(schema_files[0])
+            digest.append((schema_name, hashlib.sha256(schema_text.encode()).hexdigest()))
+        except (OSError, ValueError) as exc:
+            problems.append(PolicyProblem(f"cannot read: {exc}", file=schema_name))
+    if schema_text is None and not schema_files:
+        schema_text = generate_schema(cfg, routes)
+    schema: cedarpy.Schema | None = None
+    if schema_text is not None:
+        try:
+            schema = cedarpy.Schema.from_str(schema_text)
+        except ValueError as exc:
+            problems.append(PolicyProblem(f"invalid Cedar schema: {exc}", file=schema_name))
+
+    # Policies: library first, then the operator's files.
+    sources = [(f"library/{name}.cedar", LIBRARY_DIR / f"{name}.cedar") for name in cfg.library]
+    sources += [(str(p), p) for p in files]
+    statements: list[_Statement] = []
+    for label, path in sources:
+        try:
+            text = _read(path)
+        except (OSError, ValueError) as exc:
+            problems.append(PolicyProblem(f"cannot read: {exc}", file=label))
+            continue
+        if not label.startswith("library/"):
+            digest.append((label, hashlib.sha256(text.encode()).hexdigest()))
+        stmts = split_statements(text, label)
+        try:
+            cedarpy.PolicySet.from_str(text)
+        except ValueError as exc:
+            # Cedar's parse errors carry no position: find the statement that fails.
+            located = False
+            for st in stmts:
+                try:
+                    cedarpy.PolicySet.from_str(st.text)
+                except ValueError as exc2:
+                    problems.append(PolicyProblem(f"syntax error: {exc2}", file=label, line=st.line))
+                    located = True
+                    break
+            if not located:
+                problems.append(PolicyProblem(f"syntax error: {exc}", file=label))
+            continue
+        statements += stmts
+
+    combined = "\n".join(s.text for s in statements)
+    info: dict[str, PolicyInfo] = {}
+    for i, st in enumerate(statements):
+        m = _ID_ANNOTATION.search(_head(st.text))
+        label = json.loads(f'"{m.group(1)}"') if m else f"{Path(st.file).name}:{st.line}"
+        info[f"policy{i}"] = PolicyInfo(label, st.file, st.line, st.text.strip())
+
+    policies: cedarpy.PolicySet | None = None
+    if not problems:
+        try:
+            policies = cedarpy.PolicySet.from_str(combined)
+        except ValueError as exc:  # pragma: no cover - each file parsed alone above
+            problems.append(PolicyProblem(f"syntax error: {exc}"))
+        else:
+            if len(policies) != len(statements):  # pragma: no cover - splitter and Cedar disagree
+                problems.append(PolicyProblem("could not attribute policies to files (statement count mismatch)"))
+
+    if schema is not None and policies is not None and not problems:
+        result = cedarpy.validate_policies(combined, schema)
+        for err in result.errors:
+            where = info.get(err.policy_id)
+            msg = err.error.replace(f"for policy `{err.policy_id}`, ", "")
+            if where is None:
+                problems.append(PolicyProblem(msg, file=schema_name))
+            else:
+                problems.append(PolicyProblem(msg, file=where.file, line=where.line,
+                                              policy=where.label if not where.label.endswith(
+                                                  f":{where.line}") else None))
+
+    base: cedarpy.Entities | None = None
+    if schema is not None:
+        declared = schema_actions(schema)
+        groups = set(cfg.action_groups)
+        for r in routes:
+            if r.name not in declared:
+                problems.append(PolicyProblem(f"route {r.name!r} has no action in the schema "
+                                              f"(add: action {json.dumps(r.name)} appliesTo {{...}})",
+                                              file=schema_name))
+        names = {r.name for r in routes}
+        for a in sorted(declared - names - groups):
+            problems.append(PolicyProblem(f"action {a!r} names no route (a typo, or a removed route?)",
+                                          file=schema_name))
+        try:
+            base = cedarpy.Entities.from_json_str(json.dumps(mapper.role_entities()), schema)
+        except ValueError as exc:
+            problems.append(PolicyProblem(f"roles do not fit the schema: {exc}", file=schema_name))
+        # One probe request per route: the mapping's output must fit the schema.
+        if base is not None and policies is not None and not problems:
+            for r in routes:
+                params = dict.fromkeys(template_params(r.path), "probe")
+                inp = mapper.build(_probe_principal("probe"), route=r.name, method=r.methods[0],
+                                   path_params=params, client_ip="127.0.0.1", now=0.0,
+                                   owner=Owner("probe", "probe"), country="ZZ")
+                try:
+                    ents = base.with_added_json_str(inp.entities_json, schema)
+                    res = cedarpy.is_authorized(_request(inp), policies, ents, schema)
+                except ValueError as exc:
+                    problems.append(PolicyProblem(f"route {r.name!r}: the request entities do not fit the "
+                                                  f"schema: {exc}", file=schema_name))
+                    continue
+                for e in res.diagnostics.errors:
+                    if "failed to build request" in e or "while parsing context" in e:
+                        problems.append(PolicyProblem(f"route {r.name!r}: the request does not fit the "
+                                                      f"schema: {e}", file=schema_name))
+
+    problems = list(dict.fromkeys(problems))  # the validator repeats a problem per entity type
+    if problems or schema is None or policies is None or base is None or schema_text is None:
+        raise PolicyError(problems or [PolicyProblem("policies could not be loaded")])
+    return _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text)
+
+
+def _head(text: str) -> str:
+    """The annotations of a statement: its text before the effect keyword."""
+    m = re.search(r"\b(permit|forbid)\s*\(", text)
+    return text[:m.start()] if m else text
+
+
+def _request(inp: DecisionInput) -> dict[str, Any]:
+    return {"principal": inp.principal, "action": inp.action, "resource": inp.resource,
+            "context": inp.context_json}
+
+
+# ---------------------------------------------------------------------------------
+# The engine
+
+
+class PolicyEngine:
+    """Decides requests against the current policy state; thread-safe.
+
+    ``decide`` never raises: on any error it returns a deny with the error.
+    """
+
+    def __init__(self, cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path | None) -> None:
+        """Load everything; `PolicyError` if anything is invalid (nothing is served then)."""
+        self._cfg = cfg
+        self._routes = list(routes)
+        self._dir = policy_dir
+        self._state = build_state(cfg, routes, policy_dir)
+        self._cache: OrderedDict[tuple[int, str], Decision] = OrderedDict()
+        self._cache_size = cfg.decision_cache_size
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._snapshot = self._stat()
+        self.last_problems: tuple[PolicyProblem, ...] = ()
+        self.hits = 0
+        self.misses = 0
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever policies, schema or entities (roles) change."""
+        return self._state.generation
+
+    @property
+    def mapper(self) -> RequestMapper:
+        return self._state.mapper
+
+    @property
+    def schema_text(self) -> str:
+        return self._state.schema_text
+
+    def policy_info(self, label_or_id: str) -> PolicyInfo | None:
+        """Where a policy came from, by its label (as in `Decision.policies`)."""
+        for pi in self._state.info.values():
+            if pi.label == label_or_id:
+                return pi
+        return None
+
+    def build_input(self, principal: Principal, **kw: Any) -> DecisionInput:
+        """`RequestMapper.build` with the current mapper."""
+        return self._state.mapper.build(principal, **kw)
+
+    # -- deciding ------------------------------------------------------------------
+
+    def decide(self, inp: DecisionInput) -> Decision:
+        """Allow or deny ``inp``; cached by the whole input and the state generation."""
+        st = self._state  # read once: this decision runs wholly on one state
+        key = (st.generation, inp.key)
+        if self._cache_size:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    self.hits += 1
+                    return hit
+        decision = self._evaluate(st, inp)
+        if self._cache_size and not decision.errors:
+            cached = Decision(decision.allowed, decision.policies, decision.errors, True, decision.generation)
+            with self._lock:
+                self.misses += 1
+                self._cache[key] = cached
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return decision
+
+    def decide_uncached(self, inp: DecisionInput) -> Decision:
+        """Evaluate without touching the cache (explain, tests, benchmarks)."""
+        return self._evaluate(self._state, inp)
+
+    def _evaluate(self, st: _State, inp: DecisionInput) -> Decision:
+        try:
+            ents = self._entities(st, inp)
+            res = cedarpy.is_authorized(_request(inp), st.policies, ents)
+            diag = res.diagnostics
+            labels = tuple(sorted(st.info[r].label if r in st.info else r for r in diag.reasons))
+            errors = tuple(diag.errors)
+            allowed = res.decision == cedarpy.Decision.Allow and not errors
+            return Decision(allowed, labels, errors, False, st.generation)
+        except Exception as exc:  # fail closed on anything the engine throws
+            log.warning("policy engine error: %s: %s", type(exc).__name__, exc)
+            return Decision(False, (), (f"engine error: {type(exc).__name__}: {exc}",), False, st.generation)
+
+    def _entities(self, st: _State, inp: DecisionInput) -> cedarpy.Entities:
+        # The principal (with its roles) repeats across requests: keep base+principal
+        # handles in a small LRU and add only the resource per request.
+        pjson = json.dumps([inp.entities[0]], separators=(",", ":"))
+        with self._lock:
+            handle = st.principals.get(pjson)
+            if handle is not None:
+                st.principals.move_to_end(pjson)
+        if handle is None:
+            handle = st.base.with_added_json_str(pjson)
+            with self._lock:
+                st.principals[pjson] = handle
+                while len(st.principals) > MAX_PRINCIPAL_ENTITIES:
+                    st.principals.popitem(last=False)
+        rest = inp.entities[1:]
+        if not rest:
+            return handle
+        return handle.with_added_json_str(json.dumps(list(rest), separators=(",", ":")))
+
+    def clear_cache(self) -> None:
+        """Drop cached decisions (an entity outside the input changed)."""
+        with self._lock:
+            self._cache.clear()
+
+    # -- reloading -------------------------------------------------------------------
+
+    def _stat(self) -> tuple[tuple[str, int, int], ...]:
+        files, schemas = scan_dir(self._dir)
+        out = []
+        for p in (*files, *schemas):
+            try:
+                s = p.stat()
+            except OSError:
+                continue
+            out.append((str(p), s.st_mtime_ns, s.st_size))
+        return tuple(out)
+
+    def reload_if_changed(self) -> ReloadOutcome:
+        """Rebuild if a policy or schema file changed (mtime, size, then content hash).
+        On success the new state replaces the old at once; on failure the old stays."""
+        with self._reload_lock:
+            snap = self._stat()
+            if snap == self._snapshot:
+                return ReloadOutcome(False, True, self.generation)
+            try:
+                new = build_state(self._cfg, self._routes, self._dir)
+            except PolicyError as exc:
+                self._snapshot = snap  # report a broken file once, not every poll
+                self.last_problems = tuple(exc.problems)
+                log.error("policy reload failed; keeping generation %d:\n%s", self.generation, exc)
+                return ReloadOutcome(True, False, self.generation, tuple(exc.problems))
+            self._snapshot = snap
+            self.last_problems = ()
+            if new.fingerprint == self._state.fingerprint:  # touched, not changed
+                return ReloadOutcome(False, True, self.generation)
+            self._swap(new)
+            log.info("policies reloaded: generation %d", new.generation)
+            return ReloadOutcome(True, True, new.generation)
+
+    def update(self, cfg: PolicyConfig, routes: Sequence[RouteLike] | None = None) -> ReloadOutcome:
+        """Apply a new policy config (roles, resources, networks...): an entity change.
+        `PolicyError` problems are returned and the old state kept."""
+        with self._reload_lock:
+            rts = list(routes) if routes is not None else self._routes
+            try:
+                new = build_state(cfg, rts, self._dir)
+            except PolicyError as exc:
+                return ReloadOutcome(True, False, self.generation, tuple(exc.problems))
+            self._cfg, self._routes = cfg, rts
+            self._cache_size = cfg.decision_cache_size
+            self._snapshot = self._stat()
+            self._swap(new)
+            return ReloadOutcome(True, True, new.generation)
+
+    def _swap(self, new: _State) -> None:
+        self._state = new  # one reference assignment: atomic for readers
+        self.clear_cache()
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Poll for changes every ``reload_poll_seconds`` until ``stop`` is set; the
+        rebuild runs in a worker thread."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._cfg.reload_poll_seconds)
+            if stop.is_set():
+                return
+            try:
+                await asyncio.to_thread(self.reload_if_changed)
+            except Exception:  # pragma: no cover - keep watching whatever happens
+                log.exception("policy reload check failed")
+
+
+def decision_facts(d: Decision) -> dict[str, Any]:
+    """The facts an audit event records for a decision."""
+    out: dict[str, Any] = {"policy_decision": "allow" if d.allowed else "deny",
+                           "policy_reason": d.reason, "policies": list(d.policies),
+                           "policy_generation": d.generation}
+    if d.errors:
+        out["policy_errors"] = list(d.errors)[:5]
+    return out
+
+
+__all__ = [
+    "Decision", "DecisionInput", "PolicyEngine", "PolicyError", "PolicyInfo", "PolicyProblem",
+    "ReloadOutcome", "build_state", "decision_facts", "schema_actions", "split_statements",
+]
+
