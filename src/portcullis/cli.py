@@ -286,7 +286,7 @@ def demo(
 ) -> None:
     """Run a complete gateway in front of the built-in demo SaaS API."""
     from portcullis.config import ConfigError
-    from portcullis.demo.run import DemoError, prepare, quickstart
+    from portcullis.demo.run import DemoError, prepare, quickstart, start_spa
     from portcullis.demo.upstream import DemoApi, UpstreamThread
     from portcullis.observe import configure_logging
     from portcullis.server import serve as run
@@ -307,8 +307,13 @@ def demo(
             raise fail("; ".join(exc.errors)) from None
         except (DemoError, ValueError) as exc:
             raise fail(str(exc)) from None
-        typer.echo(quickstart(creds, creds_path, loaded.data_dir))
-        code = run(loaded)
+        spa = start_spa(creds)
+        typer.echo(quickstart(creds, creds_path, loaded.data_dir, spa_url=spa.url if spa else None))
+        try:
+            code = run(loaded)
+        finally:
+            if spa is not None:
+                spa.stop()
     finally:
         if thread is not None:
             thread.stop()
@@ -395,6 +400,7 @@ def tokens_revoked(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 
 def main() -> None:
     """Entry point of the `portcullis` script."""
+    import portcullis.cli_access  # registers `access` (and, with the next line, binds `portcullis`)
     import portcullis.cli_oauth  # noqa: F401 - registers the authorization server's commands
     from portcullis.audit.store import AuditStoreError
     from portcullis.gateway import SecretsError

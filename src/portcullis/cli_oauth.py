@@ -16,6 +16,7 @@ from portcullis.cli import ConfigOpt, DataDirOpt, app, fail
 
 if TYPE_CHECKING:
     from portcullis.oauth.admin import Admin
+    from portcullis.oauth.identity.users import Users
 
 from portcullis.oauth.models import MfaPolicy
 
@@ -61,6 +62,7 @@ def tenants_create(
         raise fail(f"--mfa: one of {', '.join(MFA_POLICIES)}", 2)
     with admin(config, data_dir) as h:
         new = h.ctx.clients.create_tenant(name, MFA_POLICIES[mfa])
+        h.record("admin.tenant_created" if new else "admin.tenant_updated", tenant=name, extra={"mfa": mfa})
     typer.echo(f"{'created' if new else 'updated'} tenant {name} (mfa: {mfa})")
 
 
@@ -122,6 +124,8 @@ def clients_create(
             raise fail(f"a client named {name!r} already exists") from None
         except ValueError as exc:
             raise fail(str(exc), 2) from None
+        h.record("admin.client_created", tenant=tenant, credential_id=client.client_id,
+                 extra={"name": name, "auth_method": auth_method, "grant_types": list(client.grant_types)})
     if as_json:
         typer.echo(json.dumps({"client_id": client.client_id, "client_secret": secret, "name": name}))
         return
@@ -154,6 +158,7 @@ def clients_revoke(client_id: Annotated[str, typer.Argument(help="The client_id.
     """Disable a client and refuse every token issued to it (within a second)."""
     import time
 
+    from portcullis.oauth.authorize import grants_for
     from portcullis.storage.protocols import RevocationRecord
 
     with admin(config, data_dir) as h:
@@ -161,4 +166,189 @@ def clients_revoke(client_id: Annotated[str, typer.Argument(help="The client_id.
             raise fail(f"no active client {client_id!r}")
         h.ctx.revocations.revoke_tokens(RevocationRecord(
             "client", client_id, time.time(), None, "client revoked"))
+        families = grants_for(h.ctx).revoke_client(client_id)
+        h.record("admin.client_revoked", credential_id=client_id, extra={"refresh_families": families})
     typer.echo(f"revoked client {client_id} and every token issued to it")
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users of the authorization server: create, MFA, disable.")
+signing_app = typer.Typer(no_args_is_help=True, help="The authorization server's token signing keys.")
+sessions_app = typer.Typer(no_args_is_help=True, help="Browser sessions of the authorization server.")
+app.add_typer(users_app, name="users")
+app.add_typer(signing_app, name="signing-keys")
+app.add_typer(sessions_app, name="sessions")
+
+PasswordFileOpt = Annotated[Path | None, typer.Option(
+    help="Read the password from this file ('-' for stdin); default: generate one and print it once.")]
+
+
+def _read_password(password_file: Path | None) -> tuple[str, bool]:
+    """(password, generated?) from a file, stdin or a fresh random one."""
+    import secrets
+    import sys
+
+    if password_file is None:
+        return "-".join(secrets.token_urlsafe(6) for _ in range(3)), True
+    try:
+        text = sys.stdin.read(4096) if str(password_file) == "-" else password_file.read_text()[:4096]
+    except OSError as exc:
+        raise fail(f"--password-file: {exc}") from None
+    return text.rstrip("\r\n"), False
+
+
+def _user_or_fail(users: Users, username: str) -> str:
+    u = users.by_username(username)
+    if u is None:
+        raise fail(f"no user {username!r}")
+    return u.user_id
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="Email-like login name (unique).")],
+    tenant: Annotated[str, typer.Option(help="The user's tenant.")],
+    role: Annotated[list[str] | None, typer.Option(help="A role (repeat).")] = None,
+    password_file: PasswordFileOpt = None,
+    totp: Annotated[bool, typer.Option(help="Enrol TOTP now and print its secret once.")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a user. Common and breached passwords are refused."""
+    from portcullis.oauth.identity.passwords import WeakPasswordError
+    from portcullis.oauth.identity.users import UserExistsError, Users
+
+    password, generated = _read_password(password_file)
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        try:
+            user = users.create(tenant, username, password, role or [])
+        except UserExistsError:
+            raise fail(f"a user {username!r} already exists") from None
+        except WeakPasswordError as exc:
+            raise fail(f"password refused: {exc}", 2) from None
+        except ValueError as exc:
+            raise fail(str(exc), 2) from None
+        secret = users.enroll_totp(user.user_id) if totp else None
+        h.record("admin.user_created", tenant=tenant, credential_id=user.user_id,
+                 extra={"username": user.username, "roles": list(user.roles), "totp": bool(secret)})
+    typer.echo(f"user_id   {user.user_id}")
+    if generated:
+        typer.echo(f"password  {password}")
+    if secret:
+        typer.echo(f"totp      {secret}")
+    if generated or secret:
+        typer.echo("Secrets are shown once; only hashes (password) and ciphertext (TOTP) are stored.", err=True)
+
+
+@users_app.command("list")
+def users_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's users.")] = None,
+               config: ConfigOpt = None, data_dir: DataDirOpt = None,
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List users (never their secrets)."""
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        rows = [(u, users.passkey_count(u.user_id)) for u in users.list(tenant)]
+    docs = [{"user_id": u.user_id, "username": u.username, "tenant": u.tenant, "roles": list(u.roles),
+             "totp": u.has_totp, "passkeys": n, "active": u.active} for u, n in rows]
+    if as_json:
+        typer.echo(json.dumps(docs))
+        return
+    for u, n in rows:
+        typer.echo(f"{u.username:32} tenant={u.tenant} roles={','.join(u.roles) or '-'} "
+                   f"totp={'yes' if u.has_totp else 'no'} passkeys={n} {'active' if u.active else 'disabled'}")
+
+
+@users_app.command("disable")
+def users_disable(username: Annotated[str, typer.Argument(help="The user.")],
+                  config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Disable a user, end their sessions and revoke the apps they granted (refresh tokens and
+    the access tokens issued from them)."""
+    from portcullis.oauth.authorize import revoke_user_grants
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        uid = _user_or_fail(users, username)
+        ended = users.revoke_sessions(uid)
+        if not users.disable(uid):
+            raise fail(f"{username!r} is already disabled")
+        grants = revoke_user_grants(h.ctx, uid)
+        h.record("admin.user_disabled", credential_id=uid, extra={"sessions_ended": ended, "grants": grants})
+    typer.echo(f"disabled {username} ({ended} sessions ended, {grants} app grants revoked)")
+
+
+@users_app.command("enroll-totp")
+def users_enroll_totp(username: Annotated[str, typer.Argument(help="The user.")],
+                      config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Replace the user's TOTP secret with a new one, printed once."""
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        uid = _user_or_fail(users, username)
+        secret = users.enroll_totp(uid)
+        h.record("admin.user_totp_enrolled", credential_id=uid)
+    typer.echo(secret)
+
+
+@users_app.command("recovery-codes")
+def users_recovery_codes(username: Annotated[str, typer.Argument(help="The user.")],
+                         config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Replace the user's recovery codes with 10 new single-use ones, printed once."""
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        uid = _user_or_fail(users, username)
+        codes = users.new_recovery_codes(uid)
+        h.record("admin.user_recovery_codes", credential_id=uid)
+    typer.echo("\n".join(codes))
+
+
+@sessions_app.command("revoke")
+def sessions_revoke(username: Annotated[str, typer.Argument(help="End every browser session of this user.")],
+                    config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Log a user out everywhere (refresh tokens: `portcullis tokens revoke --sub`)."""
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        users = Users(h.ctx)
+        uid = _user_or_fail(users, username)
+        ended = users.revoke_sessions(uid)
+        h.record("admin.sessions_revoked", credential_id=uid, extra={"sessions_ended": ended})
+    typer.echo(f"ended {ended} sessions of {username}")
+
+
+@signing_app.command("rotate")
+def signing_rotate(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Make a new current signing key now; the old one stays published until its tokens expire."""
+    from portcullis.oauth.keys import Keyring
+
+    with admin(config, data_dir) as h:
+        kid = Keyring(h.ctx.cfg, h.ctx.db, h.ctx.secrets_dir).rotate()
+        h.record("admin.signing_key_rotated", credential_id=kid)
+    typer.echo(f"new signing key {kid}; running gateways pick it up within a second")
+
+
+@signing_app.command("list")
+def signing_list(config: ConfigOpt = None, data_dir: DataDirOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List published signing keys (public parts only)."""
+    import time
+
+    from portcullis.oauth.keys import Keyring
+
+    with admin(config, data_dir) as h:
+        ring = Keyring(h.ctx.cfg, h.ctx.db, h.ctx.secrets_dir)
+        rows, current = ring.rows(), ring.current_kid()
+    docs = [{"kid": r.kid, "alg": r.alg, "created_at": r.created_at, "retired_at": r.retired_at,
+             "current": r.kid == current} for r in rows]
+    if as_json:
+        typer.echo(json.dumps(docs))
+        return
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.created_at))
+        state = "current" if r.kid == current else ("retired" if r.retired_at else "published")
+        typer.echo(f"{r.kid}  {r.alg}  created {created}  {state}")

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from portcullis.credentials.introspection import IntrospectionConfig
 from portcullis.credentials.jwt import JwtConfig
 from portcullis.credentials.rfc9449 import DpopConfig
+from portcullis.forward_auth import ForwardAuthConfig
+from portcullis.governance.service import GovernanceConfig
 from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.http import AsRoutes
 from portcullis.stages.limit import RateLimitConfig
@@ -86,6 +88,8 @@ class GatewayConfig(BaseModel):
     dpop: DpopConfig | None = None
     signatures: SignaturesConfig | None = None
     auth_server: AuthServerConfig | None = None
+    governance: GovernanceConfig = GovernanceConfig()
+    forward_auth: ForwardAuthConfig | None = None  # the decision listener for other proxies
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)

@@ -42,6 +42,8 @@ class Principal:
     audiences: frozenset[str] = frozenset()
     acr: str | None = None
     amr: tuple[str, ...] = ()
+    # When the user last actively authenticated (OIDC `auth_time`; step-up max age, RFC 9470).
+    auth_time: float | None = None
 
 
 @dataclass(slots=True)

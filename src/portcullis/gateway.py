@@ -17,7 +17,9 @@ from portcullis.credentials.apikeys import KeyHasher
 from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtConfig, JwtVerifier
 from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
+from portcullis.forward_auth import DecisionApp, build_decision_app
 from portcullis.netutil import TrustedProxies
+from portcullis.oauth import tokens
 from portcullis.oauth.service import AuthServer, build_auth_server
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
@@ -147,6 +149,8 @@ class Gateway:
     keys: KeyCache
     upstreams: dict[str, Upstream]
     auth_server: AuthServer | None = None
+    # The forward-auth decision app (its own listener; `server.make_server` serves it).
+    decision_app: DecisionApp | None = None
 
 
 def build_gateway(loaded: LoadedConfig) -> Gateway:
@@ -161,7 +165,6 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds, revocations=key_store)
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}
-    jwt = JwtVerifier(resolve_jwks_files(cfg.jwt, loaded.path)) if cfg.jwt is not None else None
     ic = cfg.introspection
     if ic is not None and ic.client_secret_file and loaded.path and not Path(ic.client_secret_file).is_absolute():
         ic = ic.model_copy(update={"client_secret_file": str(loaded.path.parent / ic.client_secret_file)})
@@ -177,6 +180,13 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     if cfg.auth_server is not None:
         auth_server = build_auth_server(cfg.auth_server, data_dir, hasher, key_store, trusted=trusted,
                                         client_cert_header=cfg.normalize.client_cert_header)
+    jwt = JwtVerifier(resolve_jwks_files(cfg.jwt, loaded.path)) if cfg.jwt is not None else None
+    if auth_server is not None:
+        # The gateway trusts its own issuer, with the keys from the keyring in-process
+        # (no HTTP to itself; a rotated key is known at once).
+        own = tokens.gateway_key_source(auth_server.ctx)
+        jwt = jwt or JwtVerifier(JwtConfig(issuers=[own.cfg]))
+        jwt.add_issuer(own)
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
@@ -198,6 +208,11 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
     ]
     completions: list[CompletionStage] = [record, MetricsStage(metrics)]
     app = GatewayApp(Pipeline(stages, completions), rid_header)
+    # Forward-auth decisions run these very stage objects (shared keys, limits, policy).
+    decision_app = (build_decision_app(cfg.forward_auth, stages, completions, writer=writer,
+                                       normalize=cfg.normalize, signatures=cfg.signatures,
+                                       request_id_header=rid_header)
+                    if cfg.forward_auth is not None else None)
     if cfg.server.tls is not None and cfg.server.tls.hsts_max_age_seconds:
         app.static_headers.append((b"strict-transport-security", cfg.server.tls.hsts()))
     metrics.info.labels(version=__version__).set(1)
@@ -230,5 +245,5 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
 
     app.startup_hooks.append(start)
     app.shutdown_hooks.append(stop)
-    return Gateway(app, metrics, writer, keys, upstreams, auth_server)
+    return Gateway(app, metrics, writer, keys, upstreams, auth_server, decision_app)
 

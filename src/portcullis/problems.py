@@ -24,6 +24,7 @@ PROBLEM_TITLES: dict[str, str] = {
     "unauthenticated": "Authentication required",
     "invalid-credential": "Invalid credential",
     "insufficient-scope": "Insufficient scope",
+    "insufficient-user-authentication": "Stronger or more recent authentication required",
     "forbidden": "Forbidden",
     "tenant-mismatch": "Resource belongs to another tenant",
     "rate-limited": "Too many requests",

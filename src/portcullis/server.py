@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -83,7 +84,61 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
         ws="none",
         ssl_context_factory=(lambda _cfg, _default: ctx) if ctx is not None else None,
     )
+    if gw.decision_app is not None:
+        _attach_decision_listener(gw, loaded, srv.listen.port if port is None else port)
     return uvicorn.Server(config)
+
+
+def _attach_decision_listener(gw: Gateway, loaded: LoadedConfig, public_port: int) -> None:
+    """Serve the forward-auth decision app on its own listener, in the main server's loop.
+
+    Its socket is bound here (a bad address is a clear error before anything starts); it
+    starts at the end of the gateway's start-up and stops — in-flight decisions finished —
+    before the gateway's stores close: one process, one lifecycle.
+    """
+    fa = loaded.config.forward_auth
+    app = gw.decision_app
+    assert fa is not None
+    assert app is not None
+    if fa.listen.port != 0 and fa.listen.port == public_port:
+        raise ValueError("forward_auth.listen.port: the decision listener must not share the public port")
+    family = socket.AF_INET6 if ":" in fa.listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((fa.listen.host, fa.listen.port))
+    except OSError as exc:
+        sock.close()
+        where = f"{fa.listen.host}:{fa.listen.port}"
+        raise ValueError(f"forward_auth.listen: cannot bind {where} ({exc.strerror})") from None
+    sock.setblocking(False)
+    srv = loaded.config.server
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=fa.listen.host, port=sock.getsockname()[1], loop=_loop(),
+        http=audited_http_protocol(app, app.request_id_header), lifespan="off", access_log=False,
+        log_config=None, proxy_headers=False, server_header=False,
+        timeout_graceful_shutdown=srv.shutdown_grace_seconds, timeout_keep_alive=srv.keep_alive_seconds, ws="none",
+    ))
+    ticking: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        server.config.load()
+        server.lifespan = server.config.lifespan_class(server.config)
+        await server.startup(sockets=[sock])
+        ticking.append(asyncio.get_running_loop().create_task(server.main_loop()))
+        log.info("forward-auth decisions on %s:%d", fa.listen.host, sock.getsockname()[1])
+
+    async def stop() -> None:
+        if not server.started:
+            sock.close()
+            return
+        server.should_exit = True
+        for task in ticking:
+            await task
+        await server.shutdown(sockets=[sock])
+
+    gw.app.startup_hooks.append(start)
+    gw.app.shutdown_hooks.insert(0, stop)
 
 
 def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:

@@ -83,8 +83,10 @@ def test_demo_credentials_restart_reset(tmp_path: Path) -> None:
     globex = Client(port, {"X-API-Key": keys["globex-reader"]["key"]})
     assert globex.request("GET", "/v1/tenants/globex/projects").json()["tenant"] == "globex"
     # partner-analytics (DEMO.md): its API key works only on RFC 9421-signed requests.
-    (partner,) = creds["clients"]
-    assert partner["name"] == "partner-analytics" and partner["signing"]["alg"] == "ed25519"
+    clients = {c["name"]: c for c in creds["clients"]}
+    assert set(clients) == {"acme-backend", "acme-spa", "partner-analytics"}
+    partner = clients["partner-analytics"]
+    assert partner["signing"]["alg"] == "ed25519"
     url = f"http://127.0.0.1:{port}/v1/tenants/acme/invoices"
     unsigned = Client(port, {"X-API-Key": partner["api_key"]}).request("GET", "/v1/tenants/acme/invoices")
     assert unsigned.status == 401

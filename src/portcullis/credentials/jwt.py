@@ -450,6 +450,13 @@ class JwtVerifier:
         # and its lookups are faster than OrderedDict's on this per-request path.
         self._cache: dict[bytes, _Cached] = {}
 
+    def add_issuer(self, source: JwksCache) -> None:
+        """Trust one more issuer with its own key source (e.g. the gateway's own
+        authorization server, whose keys come in-process rather than over HTTP)."""
+        self.issuers[source.cfg.issuer] = source
+        self._max_bytes = max(self._max_bytes, source.cfg.max_token_bytes)
+        self._all_algorithms = self._all_algorithms | frozenset(source.cfg.algorithms)
+
     async def verify(self, token: bytes) -> Principal:
         """The token's Principal; raises `JwtRefusal` with the reason otherwise."""
         if len(token) > self._max_bytes:
@@ -559,6 +566,7 @@ class JwtVerifier:
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
             audiences=audiences(claims.get("aud")), acr=str_claim(claims.get("acr")),
             amr=str_list_claim(claims.get("amr")),
+            auth_time=float(claims["auth_time"]) if _is_number(claims.get("auth_time")) else None,
             # Rate limits follow the client (or subject) across its tokens, per issuer.
             limit_key=f"jwt:{icfg.issuer}:{client if isinstance(client, str) else 'sub:' + sub}",
         )

@@ -3,11 +3,14 @@ admin API): the same stores and installers a running gateway uses, without servi
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from portcullis.audit.events import AuditEvent
 from portcullis.config import ConfigError, LoadedConfig, load_config
-from portcullis.gateway import open_key_store
+from portcullis.gateway import open_audit_store, open_key_store
 from portcullis.oauth.service import AuthContext, AuthServer, build_auth_server
 from portcullis.storage.sqlite_keys import SqliteKeyStore
 
@@ -40,6 +43,18 @@ class Admin:
     @property
     def ctx(self) -> AuthContext:
         return self.auth.ctx
+
+    def record(self, action: str, *, tenant: str = "", credential_id: str = "",
+               extra: dict[str, object] | None = None) -> None:
+        """Append an admin event (`kind` "admin", `reason` the action) to the audit log."""
+        store = open_audit_store(self.auth.ctx.data_dir)
+        try:
+            store.append_batch([AuditEvent(
+                ts=time.time(), kind="admin", request_id=secrets.token_hex(8), decision="allow", reason=action,
+                subject="cli", tenant=tenant, credential_id=credential_id, extra=dict(extra or {}),
+            )])
+        finally:
+            store.close()
 
     def close(self) -> None:
         self.auth.ctx.db.close()

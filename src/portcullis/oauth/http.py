@@ -144,7 +144,9 @@ def html_response(html: str, status: int = 200, headers: list[tuple[str, str]] |
          "default-src 'none'; style-src 'self' 'unsafe-inline'; script-src 'self'; img-src 'self' data:; "
          "form-action 'self' http: https:; frame-ancestors 'none'; base-uri 'none'"),
         ("x-frame-options", "DENY"),
-        ("referrer-policy", "no-referrer"),
+        # same-origin, not no-referrer: with no-referrer browsers send `Origin: null` on
+        # form posts, which would weaken the CSRF origin check; cross-origin gets nothing.
+        ("referrer-policy", "same-origin"),
         ("x-content-type-options", "nosniff"),
         *(headers or []),
     ], decision="allow" if status < 400 else "deny", reason=reason)

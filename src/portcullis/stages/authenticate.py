@@ -183,7 +183,7 @@ class AuthenticateStage:
                 return await self._token_principal(ex, presented, self._jwt.verify)
             if "introspection" in methods and self._introspector is not None:
                 return await self._token_principal(ex, presented, self._introspector.verify)
-            if "jwt" in methods and self._jwt is not None:
+            if "jwt" in methods and self._jwt is not None and "api_key" not in methods:
                 return await self._token_principal(ex, presented, self._jwt.verify)
         if how == "dpop":
             return _invalid("auth.dpop_not_for_api_keys")

@@ -3,15 +3,20 @@
 Deny by default: a non-public route with no principal never gets past here. Tenant
 binding comes first — a credential of one tenant gets 403 on another tenant's paths
 whatever its scopes (DEMO.md) — then scopes (RFC 6750 §3.1 ``insufficient_scope``,
-403), then roles.
+403), then roles, then step-up (RFC 9470): a route's `acr_values` / `max_auth_age_seconds`
+against the token's `acr` / `auth_time`, refused with 401 and the
+``insufficient_user_authentication`` challenge naming what to ask the authorization
+server for (§3), so the client sends the user back with `acr_values` / `max_age`.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from portcullis.exchange import Exchange
+from portcullis.exchange import Exchange, Principal
+from portcullis.oauth.models import acr_satisfies
 from portcullis.problems import Problem, bearer_challenge
+from portcullis.stages.route import RouteConfig
 
 
 class AuthorizeStage:
@@ -42,4 +47,30 @@ class AuthorizeStage:
         if cfg.roles and not any(r in p.roles for r in cfg.roles):
             return Problem(403, "forbidden", "authz.role_missing",
                            "The credential lacks a role this route requires.")
+        if cfg.acr_values or cfg.max_auth_age_seconds is not None:
+            return step_up(cfg, p, ex.started_wall)
         return None
+
+
+def step_up(cfg: RouteConfig, p: Principal, now: float) -> Problem | None:
+    """RFC 9470 §3: refuse a token whose authentication is too weak or too old.
+
+    The `acr` passes when it equals one of the route's values or is at least as strong
+    as one of them (`acr_satisfies`); an unknown `auth_time` is too old.
+    """
+    weak = bool(cfg.acr_values) and not any(p.acr == want or acr_satisfies(p.acr, want) for want in cfg.acr_values)
+    max_age = cfg.max_auth_age_seconds
+    old = max_age is not None and (p.auth_time is None or now - p.auth_time > max_age)
+    if not (weak or old):
+        return None
+    detail = ("A stronger authentication is required." if weak
+              else "A more recent authentication is required.")
+    parts = ['realm="portcullis"', 'error="insufficient_user_authentication"', f'error_description="{detail}"']
+    if cfg.acr_values:
+        parts.append(f'acr_values="{" ".join(cfg.acr_values)}"')
+    if max_age is not None:
+        parts.append(f"max_age={max_age}")
+    scheme = "DPoP" if p.cnf_jkt else "Bearer"
+    return Problem(401, "insufficient-user-authentication",
+                   "authz.acr_too_weak" if weak else "authz.auth_too_old", detail,
+                   headers=[(b"www-authenticate", f"{scheme} {', '.join(parts)}".encode())])

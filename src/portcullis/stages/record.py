@@ -17,7 +17,8 @@ from portcullis.exchange import Exchange
 from portcullis.problems import Problem
 
 log = logging.getLogger("portcullis.audit")
-_EXTRA_FACTS = ("oauth", "rate_limit", "retries", "response_too_large", "upstream_body_error", "client_disconnected")
+_EXTRA_FACTS = ("oauth", "forward_auth", "rate_limit", "retries", "response_too_large", "upstream_body_error",
+                "client_disconnected")
 
 
 class RecordStage:

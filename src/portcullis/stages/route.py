@@ -47,6 +47,10 @@ class RouteConfig(BaseModel):
     audience: str | None = Field(default=None, min_length=1, max_length=2048)  # tokens must name this `aud`
     require_signature: bool = False  # RFC 9421: every request must be signed by a known key
     sign_responses: bool = False  # RFC 9421: the gateway signs the upstream's answers
+    # Step-up (RFC 9470): the token's `acr` must satisfy one of these classes, and its
+    # `auth_time` be at most this old; otherwise 401 insufficient_user_authentication.
+    acr_values: list[str] = Field(default_factory=list, max_length=10)
+    max_auth_age_seconds: int | None = Field(default=None, ge=0, le=366 * 86400)
 
     @field_validator("methods")
     @classmethod
