@@ -100,8 +100,21 @@ def _root(
 
 @app.command()
 def check(config: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
-    """Validate a config file; exits non-zero with one line per problem."""
-    cfg = _load_or_exit(config).config
+    """Validate a config file (and its Cedar policies against their schema); exits
+    non-zero with one line per problem."""
+    from portcullis.gateway import load_policy
+    from portcullis.policy.engine import PolicyError
+
+    loaded = _load_or_exit(config)
+    cfg = loaded.config
+    try:
+        engine = load_policy(loaded)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{config}: policy: {problem}", err=True)
+        raise typer.Exit(1) from None
+    if engine is not None:
+        typer.echo(f"{config}: policies ok (generation {engine.generation})")
     typer.echo(f"{config}: ok ({len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, "
                f"{len(cfg.rate_limits)} rate limits)")
 
@@ -401,7 +414,8 @@ def tokens_revoked(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 def main() -> None:
     """Entry point of the `portcullis` script."""
     import portcullis.cli_access  # registers `access` (and, with the next line, binds `portcullis`)
-    import portcullis.cli_oauth  # noqa: F401 - registers the authorization server's commands
+    import portcullis.cli_oauth
+    import portcullis.cli_policy  # noqa: F401 - registers the authorization server's and policy commands
     from portcullis.audit.store import AuditStoreError
     from portcullis.gateway import SecretsError
 

@@ -23,6 +23,8 @@ from portcullis.forward_auth import ForwardAuthConfig
 from portcullis.governance.service import GovernanceConfig
 from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.http import AsRoutes
+from portcullis.policy.config import PolicyConfig
+from portcullis.policy.mapping import check_routes
 from portcullis.stages.limit import RateLimitConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
@@ -89,6 +91,7 @@ class GatewayConfig(BaseModel):
     signatures: SignaturesConfig | None = None
     auth_server: AuthServerConfig | None = None
     governance: GovernanceConfig = GovernanceConfig()
+    policy: PolicyConfig | None = None
     forward_auth: ForwardAuthConfig | None = None  # the decision listener for other proxies
     audit: AuditConfig = AuditConfig()
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
@@ -151,6 +154,8 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
             if iss.issuer.rstrip("/") == cfg.auth_server.issuer:
                 errors.append(f"jwt.issuers[{i}].issuer: the built-in authorization server's issuer is trusted "
                               "already; remove this entry")
+    if cfg.policy is not None:
+        errors.extend(check_routes(cfg.policy, cfg.routes))
     names: dict[str, int] = {}
     seen: dict[tuple[str | None, str, tuple[tuple[str, bool], ...]], int] = {}
     for i, r in enumerate(cfg.routes):

@@ -56,7 +56,7 @@ CONVENTIONS: tuple[Convention, ...] = ("nginx", "traefik", "caddy", "envoy")
 #: The audit fact (`AuditEvent.extra`) naming the convention of a forward-auth decision.
 FACT = "forward_auth"
 #: The main gateway's stages a decision runs, by name, in the main pipeline's order.
-DECIDING_STAGES = ("normalize", "route", "authenticate", "signature", "authorize", "limit")
+DECIDING_STAGES = ("normalize", "route", "authenticate", "signature", "authorize", "policy", "limit")
 #: Principal header suffixes, in the order they are sent.
 PRINCIPAL_FIELDS = ("Subject", "Tenant", "Client-Id", "Scopes", "Roles", "Credential-Kind", "Request-Id")
 #: Bounds on one principal header value (after percent-encoding): identifiers, then lists.

@@ -18,16 +18,20 @@ from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtConfig, JwtVerifier
 from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
 from portcullis.forward_auth import DecisionApp, build_decision_app
+from portcullis.governance.service import Governance, open_governance
 from portcullis.netutil import TrustedProxies
 from portcullis.oauth import tokens
 from portcullis.oauth.service import AuthServer, build_auth_server
 from portcullis.observe import Metrics, MetricsStage
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
+from portcullis.policy.engine import PolicyEngine
+from portcullis.policy.owners import AnyOwnerSource, UpstreamOwnerSource, build_owner_source
 from portcullis.secretfile import create_once
 from portcullis.stages.authenticate import AuthenticateStage, KeyCache
 from portcullis.stages.authorize import AuthorizeStage
 from portcullis.stages.limit import LimitStage
 from portcullis.stages.normalize import NormalizeStage
+from portcullis.stages.policy import PolicyStage
 from portcullis.stages.proxy import ProxyStage, Upstream
 from portcullis.stages.record import RecordStage
 from portcullis.stages.route import Router, RouteStage
@@ -153,10 +157,21 @@ class Gateway:
     decision_app: DecisionApp | None = None
 
 
+def load_policy(loaded: LoadedConfig) -> PolicyEngine | None:
+    """The Cedar engine of a config's `policy:` section (None without one); raises
+    `PolicyError` naming each problem (file, line) when a policy or the schema is invalid."""
+    pcfg = loaded.config.policy
+    if pcfg is None:
+        return None
+    base = loaded.path.parent if loaded.path else Path.cwd()
+    return PolicyEngine(pcfg, list(loaded.config.routes), pcfg.resolve_dir(base))
+
+
 def build_gateway(loaded: LoadedConfig) -> Gateway:
     """Open the stores and assemble the pipeline in DESIGN.md's order."""
     cfg = loaded.config
     data_dir = loaded.data_dir
+    engine = load_policy(loaded)  # before any store is opened: a bad policy opens nothing
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_store, hasher = open_key_store(data_dir)
     audit_store = open_audit_store(data_dir)
@@ -187,6 +202,16 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         own = tokens.gateway_key_source(auth_server.ctx)
         jwt = jwt or JwtVerifier(JwtConfig(issuers=[own.cfg]))
         jwt.add_issuer(own)
+    policy: PolicyStage | None = None
+    governance: Governance | None = None
+    owners: dict[str, AnyOwnerSource] = {}
+    if engine is not None and cfg.policy is not None:
+        base = loaded.path.parent if loaded.path else Path.cwd()
+        owners = {name: build_owner_source(src, base) for name, src in cfg.policy.owner_sources.items()}
+        # Roles granted through governance (standing, just-in-time, break-glass) join the
+        # principal's own; they lapse by themselves (`access` CLI, issue 5).
+        governance = open_governance(data_dir, cfg.governance.resolved(base))
+        policy = PolicyStage(engine, cfg.policy, owners, governance)
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     default_key_limit = cfg.keys.default_rate_limit.spec() if cfg.keys.default_rate_limit else None
@@ -202,6 +227,7 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         *([SignatureStage(cfg.signatures, cfg.normalize.max_body_bytes,
                           loaded.path.parent if loaded.path else None, trusted)] if cfg.signatures else []),
         AuthorizeStage(),
+        *([policy] if policy is not None else []),
         LimitStage(dict(cfg.rate_limits), MemoryGcra(), default_key_limit),
         ProxyStage(upstreams, trusted, cfg.normalize.max_body_bytes, rid_header,
                    extra_drop=(cfg.normalize.client_cert_header,) if cfg.normalize.client_cert_header else ()),
@@ -217,6 +243,9 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         app.static_headers.append((b"strict-transport-security", cfg.server.tls.hsts()))
     metrics.info.labels(version=__version__).set(1)
 
+    stop_watch = asyncio.Event()
+    watch_tasks: list[asyncio.Task[None]] = []
+
     async def start() -> None:
         if introspector is not None:
             introspector.open()  # reads the client secret: fails start-up when it is missing
@@ -230,8 +259,21 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
             # Warm the JWKS caches; an issuer that is down now is retried on first use.
             for source in jwt.issuers.values():
                 await source.refresh(forced=False)
+        for owner_source in owners.values():
+            if isinstance(owner_source, UpstreamOwnerSource):
+                owner_source.open()
+        if engine is not None:
+            # Policies reload atomically on change, without dropping requests.
+            watch_tasks.append(asyncio.create_task(engine.watch(stop_watch)))
 
     async def stop() -> None:
+        stop_watch.set()
+        for task in watch_tasks:
+            await task
+        for owner_source in owners.values():
+            await owner_source.close()
+        if governance is not None:
+            governance.close()
         await keys.stop()
         if auth_server is not None:
             await auth_server.stop()

@@ -23,6 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from portcullis.app import GatewayApp
 from portcullis.config import LoadedConfig
 from portcullis.gateway import Gateway, build_gateway
+from portcullis.policy.engine import PolicyError
 from portcullis.problems import PROBLEM_CONTENT_TYPE
 from portcullis.tls import server_context, tls_extension
 
@@ -160,7 +161,12 @@ def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:
 
 def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; the exit status for the CLI."""
-    gw = build_gateway(loaded)
+    try:
+        gw = build_gateway(loaded)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("cannot start: policy: %s", problem)
+        return 1
     try:
         server = make_server(gw, loaded, host, port)
     except ValueError as exc:

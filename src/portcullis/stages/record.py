@@ -17,7 +17,7 @@ from portcullis.exchange import Exchange
 from portcullis.problems import Problem
 
 log = logging.getLogger("portcullis.audit")
-_EXTRA_FACTS = ("oauth", "forward_auth", "rate_limit", "retries", "response_too_large", "upstream_body_error",
+_EXTRA_FACTS = ("oauth", "forward_auth", "policy", "rate_limit", "retries", "response_too_large", "upstream_body_error",
                 "client_disconnected")
 
 
