@@ -49,7 +49,9 @@ def admin(config: Path | None, data_dir: Path | None) -> Iterator[Admin]:
 @tenants_app.command("create")
 def tenants_create(
     name: Annotated[str, typer.Argument(help="Tenant name (1-100 of A-Z a-z 0-9 . _ -).")],
-    mfa: Annotated[str, typer.Option(help="optional | required | phishing-resistant (passkeys only).")] = "optional",
+    mfa: Annotated[str | None, typer.Option(
+        help="optional | required | phishing-resistant (passkeys only); a new tenant defaults to optional, "
+             "an existing one keeps its policy unless given.")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -58,12 +60,14 @@ def tenants_create(
 
     if not NAME_PATTERN.fullmatch(name):
         raise fail(f"{name!r}: 1-100 of A-Z a-z 0-9 . _ -", 2)
-    if mfa not in MFA_POLICIES:
+    if mfa is not None and mfa not in MFA_POLICIES:
         raise fail(f"--mfa: one of {', '.join(MFA_POLICIES)}", 2)
     with admin(config, data_dir) as h:
-        new = h.ctx.clients.create_tenant(name, MFA_POLICIES[mfa])
-        h.record("admin.tenant_created" if new else "admin.tenant_updated", tenant=name, extra={"mfa": mfa})
-    typer.echo(f"{'created' if new else 'updated'} tenant {name} (mfa: {mfa})")
+        new = h.ctx.clients.create_tenant(name, MFA_POLICIES[mfa] if mfa else None)
+        policy = h.ctx.clients.tenant_policy(name)
+        h.record("admin.tenant_created" if new else "admin.tenant_updated", tenant=name, extra={"mfa": policy})
+    shown = next((k for k, v in MFA_POLICIES.items() if v == policy), "?")
+    typer.echo(f"{'created' if new else 'updated'} tenant {name} (mfa: {shown})")
 
 
 @tenants_app.command("list")
@@ -307,10 +311,38 @@ def users_recovery_codes(username: Annotated[str, typer.Argument(help="The user.
     typer.echo("\n".join(codes))
 
 
+@users_app.command("revoke-grants")
+def users_revoke_grants(username: Annotated[str, typer.Argument(help="The user.")],
+                        client: Annotated[str | None, typer.Option(help="Only this client_id's grant.")] = None,
+                        config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Revoke the apps a user granted: consent, refresh tokens and the access tokens issued
+    from them (the gateway refuses those within a second)."""
+    from portcullis.oauth.authorize import revoke_user_grants
+    from portcullis.oauth.identity.users import Users
+
+    with admin(config, data_dir) as h:
+        uid = _user_or_fail(Users(h.ctx), username)
+        n = revoke_user_grants(h.ctx, uid, client)
+        h.record("admin.grants_revoked", credential_id=uid, extra={"client_id": client, "grants": n})
+    typer.echo(f"revoked {n} app grants of {username}")
+
+
+@users_app.command("unlock")
+def users_unlock(username: Annotated[str, typer.Argument(help="The user (as typed at the login form).")],
+                 config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Lift a login lock and its delays now (they also lift by themselves)."""
+    from portcullis.oauth.identity import identity_of
+
+    with admin(config, data_dir) as h:
+        lifted = identity_of(h.ctx).throttle.unlock(username)
+        h.record("admin.user_unlocked", extra={"username": username, "was_throttled": lifted})
+    typer.echo(f"{username}: {'unlocked' if lifted else 'was not throttled'}")
+
+
 @sessions_app.command("revoke")
 def sessions_revoke(username: Annotated[str, typer.Argument(help="End every browser session of this user.")],
                     config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Log a user out everywhere (refresh tokens: `portcullis tokens revoke --sub`)."""
+    """Log a user out everywhere (their apps' refresh tokens: `portcullis users revoke-grants`)."""
     from portcullis.oauth.identity.users import Users
 
     with admin(config, data_dir) as h:

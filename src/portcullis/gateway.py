@@ -16,7 +16,7 @@ from portcullis.config import LoadedConfig
 from portcullis.credentials.apikeys import KeyHasher
 from portcullis.credentials.introspection import Introspector
 from portcullis.credentials.jwt import JwtConfig, JwtVerifier
-from portcullis.credentials.rfc9449 import DpopNonces, DpopVerifier
+from portcullis.credentials.rfc9449 import DpopConfig, DpopNonces, DpopVerifier
 from portcullis.forward_auth import DecisionApp, build_decision_app
 from portcullis.governance.service import Governance, open_governance
 from portcullis.netutil import TrustedProxies
@@ -185,12 +185,15 @@ def build_gateway(loaded: LoadedConfig) -> Gateway:
         ic = ic.model_copy(update={"client_secret_file": str(loaded.path.parent / ic.client_secret_file)})
     introspector = Introspector(ic) if ic is not None else None
     dpop_nonces = dpop = None
-    if cfg.dpop is not None:
+    # The built-in authorization server issues DPoP-bound tokens (RFC 9449), so with it
+    # the gateway accepts DPoP proofs by default (`dpop:` tunes or tightens this).
+    dpop_cfg = cfg.dpop or (DpopConfig() if cfg.auth_server is not None else None)
+    if dpop_cfg is not None:
         # Nonces are HMACs under a per-data-directory secret: processes sharing the
         # directory accept each other's nonces (RFC 9449 §8).
         dpop_nonces = DpopNonces(load_or_create_secret(DataPaths(data_dir).dpop_nonce_key),
-                                 cfg.dpop.nonce_lifetime_seconds)
-        dpop = DpopVerifier(cfg.dpop, nonces=dpop_nonces)
+                                 dpop_cfg.nonce_lifetime_seconds)
+        dpop = DpopVerifier(dpop_cfg, nonces=dpop_nonces)
     auth_server: AuthServer | None = None
     if cfg.auth_server is not None:
         auth_server = build_auth_server(cfg.auth_server, data_dir, hasher, key_store, trusted=trusted,

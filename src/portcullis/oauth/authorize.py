@@ -48,17 +48,10 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant
 
+from portcullis.credentials.acr import ACR_MFA, ACR_ORDER, ACR_PHISHING_RESISTANT, acr_satisfies
 from portcullis.oauth import consent, db, oidc, refresh, rfc9126, rfc9207
 from portcullis.oauth.http import FORM, AsRequest, AsResponse, redirect
-from portcullis.oauth.models import (
-    ACR_MFA,
-    ACR_ORDER,
-    ACR_PHISHING_RESISTANT,
-    AUTH_METHODS,
-    Client,
-    LoginState,
-    acr_satisfies,
-)
+from portcullis.oauth.models import AUTH_METHODS, Client, LoginState
 from portcullis.oauth.rfc7636 import RequiredS256
 from portcullis.oauth.rfc9068 import InvalidTargetError, validate_resources
 from portcullis.oauth.rfc9126 import INTERACTION_PREFIX, MAX_LOGIN_ROUNDS, PAR_PREFIX, Interaction, Params

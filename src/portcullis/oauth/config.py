@@ -17,8 +17,9 @@ class LoginThrottleConfig(BaseModel):
     # Failures per account before delays start, and the delay growth (doubling, capped).
     free_failures_per_account: int = Field(default=3, ge=1, le=100)
     max_delay_seconds: float = Field(default=30.0, ge=1.0, le=3600.0)
-    # After this many failures the account needs a second factor-free cool-down; the
-    # lock lifts by itself (so an attacker cannot lock a victim out indefinitely).
+    # After this many failures the account is locked for `lock_seconds`; the lock lifts by
+    # itself (so an attacker cannot lock a victim out indefinitely) and a passkey login is
+    # never blocked by it.
     lock_after_failures: int = Field(default=10, ge=3, le=1000)
     lock_seconds: float = Field(default=900.0, ge=10.0, le=86400.0)
     # Per source IP: failures per window before that IP is slowed.

@@ -56,13 +56,14 @@ class TokenEndpointDpop:
         response when the proof is refused. No header: nothing to do here (a client
         that must use DPoP is refused once it is authenticated, `require_dpop`)."""
         req = request.as_request
-        values = [v for k, v in req.headers.items() if k == "dpop"]
-        if not values:
+        proof = req.headers.get("dpop")
+        if proof is None:
             return None
-        # The AsRequest keeps the first of repeated headers; a repeat is visible as a comma
-        # only if joined, and the verifier refuses commas (§4.3 point 1).
+        if "dpop" in req.repeated_headers:  # §4.3 point 1: exactly one DPoP header
+            req.audit["dpop"] = "dpop.multiple"
+            return oauth_error("invalid_dpop_proof", "The DPoP proof is not valid.", reason="oauth.dpop.multiple")
         try:
-            result = self.verifier.verify(values[0].encode("latin-1"), method=req.method, url=self._token_url,
+            result = self.verifier.verify(proof.encode("latin-1"), method=req.method, url=self._token_url,
                                           access_token=None, expected_jkt=None)
         except DpopRefusal as refusal:
             req.audit["dpop"] = refusal.reason

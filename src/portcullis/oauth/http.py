@@ -58,6 +58,9 @@ class AsRequest:
     request_id: str
     client_cert_der: bytes | None = None
     cookies: dict[str, str] = field(default_factory=dict)
+    # Header names sent more than once (`headers` keeps the first): a protocol that allows
+    # exactly one (e.g. `DPoP`, RFC 9449 §4.3 point 1) refuses these.
+    repeated_headers: frozenset[str] = frozenset()
     # Facts the handler wants in the audit event (client_id, username, reason, ...).
     audit: dict[str, Any] = field(default_factory=dict)
     _form: dict[str, list[str]] | None = None
@@ -256,8 +259,13 @@ class AuthServerStage:
 
     def _request(self, ex: Exchange, body: bytes) -> AsRequest:
         headers: dict[str, str] = {}
+        repeated: set[str] = set()
         for k, v in ex.headers:
-            headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+            name = k.decode("latin-1")
+            if name in headers:
+                repeated.add(name)
+            else:
+                headers[name] = v.decode("latin-1")
         cookies: dict[str, str] = {}
         if "cookie" in headers:
             jar = SimpleCookie()
@@ -271,7 +279,7 @@ class AuthServerStage:
             method=ex.method, path=ex.path, query=query, headers=headers, body=body,
             client_ip=ex.client_ip, scheme=str(ex.scope.get("scheme", "http")), host=ex.host,
             issuer=self._issuer, request_id=ex.request_id, client_cert_der=self._client_cert(ex),
-            cookies=cookies,
+            cookies=cookies, repeated_headers=frozenset(repeated),
         )
 
     def _client_cert(self, ex: Exchange) -> bytes | None:

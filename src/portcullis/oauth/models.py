@@ -26,20 +26,6 @@ AUTH_METHODS: tuple[str, ...] = ("client_secret_basic", "client_secret_post", "p
 GRANT_TYPES: tuple[str, ...] = ("authorization_code", "client_credentials", "refresh_token")
 MfaPolicy = Literal["optional", "required", "phishing_resistant"]
 
-# Authentication context classes this server asserts (`acr`, OIDC Core §2), weakest first.
-ACR_PASSWORD = "urn:portcullis:acr:pwd"  # noqa: S105 - a URN, not a secret
-ACR_MFA = "urn:portcullis:acr:mfa"
-ACR_PHISHING_RESISTANT = "urn:portcullis:acr:phr"
-ACR_ORDER: tuple[str, ...] = (ACR_PASSWORD, ACR_MFA, ACR_PHISHING_RESISTANT)
-
-
-def acr_satisfies(have: str | None, want: str) -> bool:
-    """True when context class `have` is at least as strong as `want` (unknown: False)."""
-    if have not in ACR_ORDER or want not in ACR_ORDER:
-        return False
-    return ACR_ORDER.index(have) >= ACR_ORDER.index(want)
-
-
 @dataclass(frozen=True, slots=True)
 class LoginState:
     """Who is logged in to a browser session, and how strongly.
@@ -229,14 +215,16 @@ class ClientDirectory:
         self._checked = 0.0
 
     # --- writes (CLI, demo seeding, admin API) ---
-    def create_tenant(self, name: str, mfa_policy: MfaPolicy = "optional") -> bool:
-        """Create or update a tenant's policy; True if it was new."""
+    def create_tenant(self, name: str, mfa_policy: MfaPolicy | None = None) -> bool:
+        """Create a tenant (MFA policy "optional" unless given), or change an existing
+        tenant's policy when one is given; True if it was new."""
         with self._db.begin() as conn:
             exists = conn.execute(sa.select(db.tenants.c.name).where(db.tenants.c.name == name)).first()
-            if exists:
+            if exists and mfa_policy is not None:
                 conn.execute(db.tenants.update().where(db.tenants.c.name == name).values(mfa_policy=mfa_policy))
-            else:
-                conn.execute(db.tenants.insert().values(name=name, mfa_policy=mfa_policy, created_at=time.time()))
+            elif not exists:
+                conn.execute(db.tenants.insert().values(name=name, mfa_policy=mfa_policy or "optional",
+                                                        created_at=time.time()))
             self._db.bump(conn)
         self.invalidate()
         return not exists

@@ -171,6 +171,15 @@ class Grants:
     def hash(self, token: str) -> str:
         return self._hasher.digest("refresh:" + token)
 
+    def revoked_by_operator(self, user_id: str, client_id: str, now: float) -> str | None:
+        """The kind ("sub" or "client") of a gateway revocation in force that covers this
+        family's user or client (`portcullis tokens revoke --sub/--client`), else None:
+        what stops a subject's access tokens stops its refresh tokens too."""
+        for r in self._revocations.revocations(now):
+            if (r.kind == "sub" and r.value == user_id) or (r.kind == "client" and r.value == client_id):
+                return r.kind
+        return None
+
     # --- writes ---
     def start(self, *, client_id: str, login: LoginState, scope: str, resources: list[str],
               dpop_jkt: str | None, conn: sa.Connection | None = None) -> str:
@@ -367,6 +376,10 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
             self._reuse(rec, "spent_token_presented")
             return None
         now = self.clock()
+        kind = self.grants.revoked_by_operator(rec.login.user_id, client.client_id, now)
+        if kind is not None:
+            self.request.as_request.audit["refresh"] = f"revoked_{kind}"
+            return None
         if now >= rec.created_at + self.cfg.refresh_idle_seconds:
             self.request.as_request.audit["refresh"] = "idle_expired"
             return None

@@ -55,11 +55,12 @@ class InvalidTargetError(OAuth2Error):  # type: ignore[misc]
 
 def validate_resources(cfg: AuthServerConfig, values: list[str]) -> list[str]:
     """RFC 8707 §2: each `resource` "MUST be an absolute URI ... MUST NOT include a
-    fragment component"; we also allow only the configured resources and the issuer.
+    fragment component"; we also allow only the configured resources and the gateway's
+    own audience (`cfg.audience`, the issuer unless `default_audience` says otherwise).
     Returns them deduplicated in order; raises `InvalidTargetError`."""
     if len(values) > MAX_RESOURCES:
         raise InvalidTargetError(description="Too many resource parameters.")
-    allowed = {cfg.issuer, cfg.audience, *cfg.resources}
+    allowed = {cfg.audience, *cfg.resources}
     out: list[str] = []
     for v in values:
         try:

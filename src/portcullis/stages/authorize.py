@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from portcullis.credentials.acr import acr_satisfies
 from portcullis.exchange import Exchange, Principal
-from portcullis.oauth.models import acr_satisfies
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.stages.route import RouteConfig
 

@@ -37,6 +37,8 @@ def test_tenants_and_clients(cfg: Path) -> None:
     assert "updated tenant acme (mfa: phishing-resistant)" in ok(
         "tenants", "create", "acme", "--mfa", "phishing-resistant", "--config", c)
     assert "mfa=phishing_resistant" in ok("tenants", "list", "--config", c)
+    # Re-running create without --mfa keeps the policy (no silent downgrade).
+    assert "(mfa: phishing-resistant)" in ok("tenants", "create", "acme", "--config", c)
     assert cli("tenants", "create", "bad name", "--config", c).returncode == 2
     assert cli("tenants", "create", "t", "--mfa", "sometimes", "--config", c).returncode == 2
 
@@ -92,6 +94,8 @@ def test_users_sessions_and_signing_keys(cfg: Path, tmp_path: Path) -> None:
     assert len(codes) == 10 and len(set(codes)) == 10
     assert ok("users", "enroll-totp", "alice@acme.example", "--config", c).strip() != fields["totp"]
     assert "ended 0 sessions" in ok("sessions", "revoke", "alice@acme.example", "--config", c)
+    assert "revoked 0 app grants" in ok("users", "revoke-grants", "alice@acme.example", "--config", c)
+    assert "was not throttled" in ok("users", "unlock", "alice@acme.example", "--config", c)
     assert "disabled alice@acme.example" in ok("users", "disable", "alice@acme.example", "--config", c)
     assert cli("users", "disable", "alice@acme.example", "--config", c).returncode == 1
     assert cli("users", "disable", "nobody@acme.example", "--config", c).returncode == 1

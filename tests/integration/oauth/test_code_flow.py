@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import os
 import re
 import secrets
@@ -31,10 +32,11 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 from requests_oauthlib import OAuth2Session
 
+from portcullis.credentials.acr import ACR_MFA
 from portcullis.demo.run import demo_config
 from portcullis.demo.upstream import UpstreamThread
 from portcullis.oauth.identity import identity_of
-from portcullis.oauth.models import ACR_MFA, Client
+from portcullis.oauth.models import Client
 from portcullis.oauth.service import AuthContext
 from tests.integration.harness import GatewayThread, free_port, write_config
 
@@ -69,6 +71,12 @@ class FlowEnv:
         username = f"{prefix}-{secrets.token_hex(3)}@acme.example"
         identity_of(self.ctx).users.create("acme", username, PASSWORD, ["tenant-admin"])
         return username
+
+    @staticmethod
+    def decode_sub(token: str) -> str:
+        """The `sub` of one of our JWTs (unverified: the test only reads it)."""
+        payload = token.split(".")[1]
+        return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
 
     def api(self, token: str, path: str = "/v1/tenants/acme/projects") -> requests.Response:
         return requests.get(self.url(path), headers={"Authorization": f"Bearer {token}"}, timeout=10)

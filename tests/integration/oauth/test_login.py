@@ -13,9 +13,9 @@ import pyotp
 import pytest
 import requests
 
+from portcullis.credentials.acr import ACR_MFA, ACR_PASSWORD
 from portcullis.oauth.identity import identity_of
 from portcullis.oauth.identity.pages import Identity
-from portcullis.oauth.models import ACR_MFA, ACR_PASSWORD
 from tests.integration.harness import find_audit_event
 from tests.integration.oauth.conftest import AsEnv
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import cbor
 from soft_webauthn import SoftWebauthnDevice
 
-from portcullis.oauth.models import ACR_PHISHING_RESISTANT
+from portcullis.credentials.acr import ACR_PHISHING_RESISTANT
 from tests.integration.harness import find_audit_event
 from tests.integration.oauth.conftest import AsEnv
 from tests.integration.oauth.test_login import Browser, csrf_of, ident, new_user

@@ -142,3 +142,23 @@ def test_rfc7009_revoke_refresh_token_revokes_family_and_introspection(flow_env:
     intro = requests.post(flow_env.url("/oauth2/introspect"), auth=(client.client_id, secret), timeout=10,
                           data={"token": token["refresh_token"]})
     assert intro.json() == {"active": False}
+
+
+def test_operator_revocation_of_subject_or_client_stops_refresh_too(flow_env: FlowEnv) -> None:
+    """`portcullis tokens revoke --sub/--client` stops refresh tokens as well as access tokens."""
+    import time
+
+    from portcullis.storage.protocols import RevocationRecord
+
+    client, _ = flow_env.client("oprev")
+    _sess, token = code_flow(flow_env, Browser(flow_env, flow_env.user()), client.client_id)
+    sub = flow_env.decode_sub(token["access_token"])
+    flow_env.ctx.revocations.revoke_tokens(RevocationRecord("sub", sub, time.time(), None, "test"))
+    r = _refresh(flow_env, client.client_id, token["refresh_token"])
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+
+    other, _ = flow_env.client("oprev-client")
+    _sess, token = code_flow(flow_env, Browser(flow_env, flow_env.user()), other.client_id)
+    flow_env.ctx.revocations.revoke_tokens(RevocationRecord("client", other.client_id, time.time(), None, "test"))
+    r = _refresh(flow_env, other.client_id, token["refresh_token"])
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from portcullis.credentials.acr import ACR_MFA, ACR_PASSWORD
 from portcullis.demo.upstream import UpstreamThread
-from portcullis.oauth.models import ACR_MFA, ACR_PASSWORD
 from tests.integration.oauth.test_code_flow import Browser, FlowEnv, code_flow, make_flow_env
 
 INVOICES = "/v1/tenants/acme/invoices"  # acr_values: [mfa] in the fixture

@@ -440,6 +440,28 @@ def test_dpop_proof_refusals(tok_env: TokEnv) -> None:
     assert r.status_code == 400 and tok_env.reason(r) == "oauth.dpop.stale"
 
 
+def test_two_dpop_headers_are_refused(tok_env: TokEnv) -> None:
+    """RFC 9449 §4.3 point 1: exactly one DPoP header, even when each proof is valid."""
+    reg = tok_env.clients["basic"]
+    key = DPoPKey.generate(alg="ES256")
+    body = b"grant_type=client_credentials"
+    conn = http.client.HTTPConnection("127.0.0.1", tok_env.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/oauth2/token")
+        conn.putheader("Content-Type", "application/x-www-form-urlencoded")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.putheader("Authorization", requests.auth._basic_auth_str(reg.client.client_id, reg.secret or ""))
+        conn.putheader("DPoP", str(key.proof("POST", tok_env.token_url)))
+        conn.putheader("DPoP", str(key.proof("POST", tok_env.token_url)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        doc = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 400 and doc["error"] == "invalid_dpop_proof"
+    assert find_audit_event(tok_env.gateway, resp.headers["x-request-id"]).reason == "oauth.dpop.multiple"
+
+
 def test_client_that_must_use_dpop(tok_env: TokEnv) -> None:
     oc = oauth_client(tok_env.token_url, auth=basic(tok_env, "dpop-only"))
     r = tok_env.post("/oauth2/token", {"grant_type": "client_credentials"},

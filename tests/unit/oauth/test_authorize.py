@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 from authlib.oauth2.rfc6749 import OAuth2Error
 
+from portcullis.credentials.acr import ACR_MFA, ACR_PASSWORD, ACR_PHISHING_RESISTANT
 from portcullis.exchange import Principal
 from portcullis.oauth.authorize import parse_extras, stronger
 from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.consent import consent_page, consent_required, describe
-from portcullis.oauth.models import ACR_MFA, ACR_PASSWORD, ACR_PHISHING_RESISTANT, Client, LoginState
+from portcullis.oauth.models import Client, LoginState
 from portcullis.oauth.rfc9207 import authorization_response
 from portcullis.stages.authorize import step_up
 from portcullis.stages.route import RouteConfig

@@ -15,6 +15,7 @@ import pyotp
 import pytest
 import sqlalchemy as sa
 
+from portcullis.credentials.acr import ACR_MFA, ACR_PASSWORD, ACR_PHISHING_RESISTANT
 from portcullis.credentials.apikeys import KeyHasher
 from portcullis.oauth.config import AuthServerConfig, LoginThrottleConfig
 from portcullis.oauth.http import AsRequest, AsResponse
@@ -25,7 +26,6 @@ from portcullis.oauth.identity.passwords import PasswordHasher, PasswordPolicy, 
 from portcullis.oauth.identity.sessions import safe_return_to
 from portcullis.oauth.identity.throttle import LoginThrottle, ip_key
 from portcullis.oauth.identity.users import UserExistsError, Users
-from portcullis.oauth.models import ACR_MFA, ACR_PASSWORD, ACR_PHISHING_RESISTANT
 from portcullis.oauth.service import AuthContext, open_context
 from tests.support import MemoryKeyStore
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from portcullis.credentials.acr import ACR_MFA
 from portcullis.credentials.apikeys import KeyHasher
 from portcullis.oauth.config import AuthServerConfig
-from portcullis.oauth.models import ACR_MFA, LoginState
+from portcullis.oauth.models import LoginState
 from portcullis.oauth.refresh import Grants, jwt_facts, login_from_json, login_to_json, wants_refresh_token
 from portcullis.oauth.service import AuthContext, open_context
 from portcullis.storage.protocols import RevocationRecord

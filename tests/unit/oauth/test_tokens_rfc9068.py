@@ -10,11 +10,12 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from portcullis.credentials.acr import ACR_MFA
 from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.db import AuthDb
 from portcullis.oauth.http import AsRequest
 from portcullis.oauth.keys import Keyring
-from portcullis.oauth.models import ACR_MFA, Client, LoginState
+from portcullis.oauth.models import Client, LoginState
 from portcullis.oauth.rfc9068 import (
     AccessTokenIssuer,
     InvalidTargetError,

@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from portcullis.credentials.acr import ACR_MFA, ACR_ORDER, ACR_PASSWORD, ACR_PHISHING_RESISTANT, acr_satisfies
 from portcullis.oauth.http import AsRequest, AsResponse, AsRoutes, html_response, json_response, redirect
 from portcullis.oauth.identity import totp
 from portcullis.oauth.identity.csrf import Csrf
@@ -36,14 +37,7 @@ from portcullis.oauth.identity.passwords import PasswordHasher
 from portcullis.oauth.identity.sessions import DEFAULT_RETURN, Flow, SessionStore, safe_return_to
 from portcullis.oauth.identity.throttle import LoginThrottle
 from portcullis.oauth.identity.users import User, Users
-from portcullis.oauth.models import (
-    ACR_MFA,
-    ACR_ORDER,
-    ACR_PASSWORD,
-    ACR_PHISHING_RESISTANT,
-    LoginState,
-    acr_satisfies,
-)
+from portcullis.oauth.models import LoginState
 
 if TYPE_CHECKING:
     from portcullis.oauth.service import AuthContext

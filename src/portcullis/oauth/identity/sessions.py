@@ -20,13 +20,14 @@ from urllib.parse import urlencode, urlsplit
 
 import sqlalchemy as sa
 
+from portcullis.credentials.acr import ACR_ORDER
 from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.db import AuthDb
 from portcullis.oauth.http import AsRequest
 from portcullis.oauth.identity import tables
 from portcullis.oauth.identity.cookies import FLOW, SESSION, clear_cookie, cookie_name, set_cookie
 from portcullis.oauth.identity.keys import keyed_hash
-from portcullis.oauth.models import ACR_ORDER, LoginState
+from portcullis.oauth.models import LoginState
 
 FLOW_SECONDS = 600
 LOGIN_PATH = "/account/login"
