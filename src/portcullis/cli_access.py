@@ -29,6 +29,8 @@ from portcullis.governance.service import (
     GovernanceConfig,
     GovernanceError,
     InvalidRequestError,
+    PolicyCheck,
+    cedar_syntax_problems,
     open_governance,
 )
 from portcullis.governance.store import ChangeRequest, RoleAssignment
@@ -79,12 +81,33 @@ def governance_config(config: Path | None, data_dir: Path) -> GovernanceConfig:
     return cfg.resolved(source.resolve().parent)
 
 
+def _schema_check(config: Path | None) -> PolicyCheck:
+    """With a gateway config that has policies, a policy change must load with the whole
+    set against its Cedar schema (a typo in an attribute or action is refused when the
+    change is requested and again when approved); otherwise it must at least parse."""
+    if config is None:
+        return cedar_syntax_problems
+    loaded = _load_or_exit(config)
+    pcfg = loaded.config.policy
+    policy_dir = pcfg.resolve_dir(config.resolve().parent) if pcfg is not None else None
+    if pcfg is None or policy_dir is None:
+        return cedar_syntax_problems
+    routes = list(loaded.config.routes)
+
+    def check(name: str, text: str) -> list[str]:
+        from portcullis.policy.engine import candidate_problems
+
+        return candidate_problems(pcfg, routes, policy_dir, name, text)
+
+    return check
+
+
 @contextmanager
 def governance(config: Path | None, data_dir: Path | None) -> Iterator[Governance]:
     """The data directory's governance service; closed on exit."""
     d = _data_dir(config, data_dir)
     cfg = governance_config(config, d)
-    gov = open_governance(d, cfg)
+    gov = open_governance(d, cfg, policy_check=_schema_check(config))
     try:
         yield gov
     finally:

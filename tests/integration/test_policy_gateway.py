@@ -71,7 +71,7 @@ def penv(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> 
     for r in doc["routes"]:
         r.pop("roles", None)
     doc["policy"] = POLICY
-    doc["governance"] = {"approvers": ["root", "ops"]}
+    doc["governance"] = {"approvers": ["root", "ops"], "policy_dir": "policies"}
     loaded = write_config(root, doc)
     keys = {}
     for name, tenant, roles in [("alice", "acme", ["editor"]), ("bob", "acme", ["editor"]),
@@ -186,3 +186,30 @@ def test_check_refuses_a_policy_that_does_not_fit_the_schema(penv: PEnv, tmp_pat
     res = cli("check", str(cfg))
     assert res.returncode == 1
     assert "typo.cedar:1" in res.stderr and "list-projectz" in res.stderr
+
+
+def test_four_eyes_policy_change_checked_against_the_schema_then_enforced(penv: PEnv, tmp_path: Path) -> None:
+    import json
+
+    c = str(penv.config)
+    typo = tmp_path / "typo.cedar"
+    typo.write_text('permit (principal in Role::"reader", action == Action::"list-projectz", resource);\n')
+    refused = cli("access", "request", "policy", str(typo), "--name", "rbac.cedar", "--as", "root", "--config", c)
+    assert refused.returncode != 0 and "list-projectz" in refused.stderr, refused.stderr
+    # A valid change that withdraws the readers' permission: requested by one admin...
+    narrower = tmp_path / "rbac.cedar"
+    narrower.write_text(RBAC.replace('principal in Role::"reader"', 'principal in Role::"editor"'))
+    req = cli("access", "request", "policy", str(narrower), "--as", "root", "--json", "--config", c)
+    assert req.returncode == 0, req.stderr
+    rid = json.loads(req.stdout)["id"]
+    assert penv.as_("rita").request("GET", P).status == 200  # nothing changes before approval
+    self_approval = cli("access", "approve", rid, "--as", "root", "--config", c)
+    assert self_approval.returncode == 1
+    assert cli("access", "approve", rid, "--as", "ops", "--config", c).returncode == 0
+    try:
+        deadline = time.monotonic() + 5
+        while penv.as_("rita").request("GET", P).status != 403:  # the gateway reloaded it
+            assert time.monotonic() < deadline, "the approved policy was never enforced"
+            time.sleep(0.1)
+    finally:
+        (penv.policy_dir / "rbac.cedar").write_text(RBAC)

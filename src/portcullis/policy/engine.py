@@ -574,3 +574,23 @@ __all__ = [
     "ReloadOutcome", "build_state", "decision_facts", "schema_actions", "split_statements",
 ]
 
+
+
+def candidate_problems(cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path, name: str,
+                       text: str) -> list[str]:
+    """The problems the policy set would have with file `name` replaced by `text`: the
+    whole set is loaded off to the side (a copy of `policy_dir`) and validated against the
+    schema exactly as a reload would, so a four-eyes policy change is checked before it is
+    approved and again before it is applied."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="portcullis-policy-") as tmp:
+        staged = Path(tmp) / "policies"
+        shutil.copytree(policy_dir, staged, symlinks=False)
+        (staged / name).write_text(text, encoding="utf-8")
+        try:
+            build_state(cfg, routes, staged)
+        except PolicyError as exc:
+            return [str(p).replace(str(staged), str(policy_dir)) for p in exc.problems]
+    return []
