@@ -52,7 +52,21 @@ class OAuthRequest(OAuth2Request):  # type: ignore[misc]
     """
 
     def __init__(self, req: AsRequest) -> None:
-        super().__init__(req.method, req.url, headers=req.headers)
+        # Authlib's __init__ re-checks transport security on every request (urlsplit,
+        # ipaddress, getenv: ~20% of an introspection). Ours is a property of the issuer,
+        # checked once by `AuthServerConfig` (https, or http on loopback only), so the
+        # attributes are set here directly; `test_server.py` pins them to Authlib's.
+        self.method = req.method
+        self.uri = req.issuer + req.path
+        self.headers = req.headers
+        self._body = None
+        self.client = None
+        self.auth_method = None
+        self.user = None
+        self.authorization_code = None
+        self.refresh_token = None
+        self.credential = None
+        self._scope = None
         self.as_request = req
         self.payload = _Payload(req)
         self.dpop_jkt: str | None = None
