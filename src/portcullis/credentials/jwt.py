@@ -119,7 +119,10 @@ class JwtRefusal(Exception):
 
 
 _TO_STD = bytes.maketrans(b"-_", b"+/")
-_TO_URL = bytes.maketrans(b"+/", b"-_")
+#: The 6-bit value of each base64url character (RFC 4648 §5); 0 for the rest.
+_B64_VALUE = [0] * 256
+for _i, _c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"):
+    _B64_VALUE[_c] = _i
 
 
 def b64decode(segment: bytes) -> bytes:
@@ -130,15 +133,18 @@ def b64decode(segment: bytes) -> bytes:
     verify, and anything keyed by the token's text (a revocation, a cache) can be
     sidestepped by re-spelling it (found by the Wycheproof JWS vectors).
     """
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    rem = len(segment) % 4
+    if rem == 1 or not _B64URL.fullmatch(segment):
         raise ValueError("not base64url")
+    # The last character of a 2- or 3-character tail carries 4 or 2 unused low bits;
+    # they must be zero (checked directly: re-encoding the segment cost more than the
+    # decode itself on a 342-character RS256 signature).
+    if rem and _B64_VALUE[segment[-1]] & (0x0F if rem == 2 else 0x03):
+        raise ValueError("non-canonical base64url")
     try:
-        raw = binascii.a2b_base64(segment.translate(_TO_STD) + b"=" * (-len(segment) % 4), strict_mode=True)
+        return binascii.a2b_base64(segment.translate(_TO_STD) + b"=" * (-rem % 4), strict_mode=True)
     except binascii.Error:
         raise ValueError("not base64url") from None
-    if binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_TO_URL) != segment:
-        raise ValueError("non-canonical base64url")
-    return raw
 
 
 def _b64json(segment: bytes) -> dict[str, Any]:
@@ -210,6 +216,13 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 _HASH: dict[str, type[hashes.HashAlgorithm]] = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _EC_CURVE = {"ES256": ("secp256r1", 32), "ES384": ("secp384r1", 48), "ES512": ("secp521r1", 66)}
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3
+# The padding and hash objects are immutable: made once, not per verification.
+_RSA_PARAMS: dict[str, tuple[padding.AsymmetricPadding, hashes.HashAlgorithm]] = {
+    **{f"RS{n}": (padding.PKCS1v15(), h()) for n, h in _HASH.items()},
+    # RFC 7518 §3.5: PSS with MGF1 over the same hash and a salt as long as the hash.
+    **{f"PS{n}": (padding.PSS(padding.MGF1(h()), h().digest_size), h()) for n, h in _HASH.items()},
+}
+_ECDSA = {alg: ec.ECDSA(_HASH[alg[2:]]()) for alg in _EC_CURVE}
 
 
 def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes) -> bool:
@@ -225,9 +238,7 @@ def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes)
         if alg.startswith(("RS", "PS")):
             if not isinstance(key, rsa.RSAPublicKey):
                 return False
-            h = _HASH[alg[2:]]()
-            pad: padding.AsymmetricPadding = (padding.PKCS1v15() if alg[0] == "R"
-                                              else padding.PSS(padding.MGF1(h), h.digest_size))
+            pad, h = _RSA_PARAMS[alg]
             key.verify(sig, signing_input, pad, h)
             return True
         if alg in _EC_CURVE:
@@ -236,7 +247,7 @@ def verify_signature(alg: str, key: PublicKey, signing_input: bytes, sig: bytes)
                 return False
             # RFC 7518 §3.4: R || S, each `size` octets; r = s = 0 (CVE-2022-21449) fails in OpenSSL.
             der = utils.encode_dss_signature(int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big"))
-            key.verify(der, signing_input, ec.ECDSA(_HASH[alg[2:]]()))
+            key.verify(der, signing_input, _ECDSA[alg])
             return True
         if alg in ("EdDSA", "Ed25519"):
             if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -503,7 +514,7 @@ class JwtVerifier:
         # The credential id of a token without `jti` hashes what the signature covers
         # (header.payload), not the token's text: ECDSA signatures are malleable, so the
         # text is not unique, but the signed part is.
-        principal = self._principal(claims, icfg, hashlib.sha256(signing_input).digest())
+        principal = self._principal(claims, icfg, signing_input)
         if self.cfg.cache_size:
             self._cache[digest] = _Cached(principal, exp + icfg.leeway_seconds)
             if len(self._cache) > self.cfg.cache_size:
@@ -553,7 +564,7 @@ class JwtVerifier:
         return float(exp)
 
     @staticmethod
-    def _principal(claims: dict[str, Any], icfg: JwtIssuerConfig, digest: bytes) -> Principal:
+    def _principal(claims: dict[str, Any], icfg: JwtIssuerConfig, signing_input: bytes) -> Principal:
         sub, tenant = subject_and_tenant(claims, icfg.tenant_claim, "jwt")
         scopes, roles = scopes_and_roles(claims, icfg.roles_claim)
         client = claims.get("client_id", claims.get("azp"))
@@ -561,7 +572,8 @@ class JwtVerifier:
         jkt, x5t = confirmation(claims.get("cnf"), "jwt")
         return Principal(
             subject=sub, tenant=tenant,
-            credential_id=jti if isinstance(jti, str) and len(jti) <= 128 else "sha256:" + digest[:12].hex(),
+            credential_id=(jti if isinstance(jti, str) and len(jti) <= 128
+                           else "sha256:" + hashlib.sha256(signing_input).digest()[:12].hex()),
             credential_kind="jwt", scopes=scopes, roles=roles,
             client_id=client if isinstance(client, str) else None, cnf_jkt=jkt, cnf_x5t=x5t,
             audiences=audiences(claims.get("aud")), acr=str_claim(claims.get("acr")),
