@@ -24,7 +24,7 @@ SetupOpt = Annotated[Path | None, typer.Option(
     "--setup", help="A standalone file with `policy:` and `routes:` (default: DIR/policy.yaml).")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="A gateway config with a `policy:` section.")]
 AtOpt = Annotated[str | None, typer.Option(
-    "--at", help="Decide at this time (ISO 8601, e.g. 2026-11-30T10:00:00+01:00); default: now.")]
+    "--at", help="Decide at this time (ISO 8601, e.g. 2026-11-30T10:00:00+01:00).")]
 
 
 def _setup(config: Path | None, setup: Path | None, default_dir: Path | None) -> tuple[PolicyConfig, list[RouteLike],
@@ -74,7 +74,9 @@ def policy_test(
     config: ConfigOpt = None,
     at: AtOpt = None,
 ) -> None:
-    """Run the YAML policy test cases of DIR; exits 1 when any case fails (for CI)."""
+    """Run the YAML policy test cases of DIR; exits 1 when any case fails (for CI). Cases
+    without a `time` are decided at --at, by default the Unix epoch (a fixed instant, so a
+    CI run does not depend on when it runs)."""
     from portcullis.policy.testing import run_dir
 
     if not directory.is_dir():
@@ -94,7 +96,8 @@ def policy_explain(
     at: AtOpt = None,
 ) -> None:
     """Why a described request (principal, action, path, resource, context) would be
-    allowed or denied: the decision and the policies that determined it."""
+    allowed or denied: the decision and the policies that determined it (at --at, by
+    default now). Exits 2 when the description is invalid."""
     import sys
 
     from portcullis.policy.engine import PolicyEngine, PolicyError
@@ -114,7 +117,10 @@ def policy_explain(
         for p in exc.problems:
             typer.echo(f"policy: {p}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(explain(engine, doc, now=_when(at)))
+    text = explain(engine, doc, now=_when(at))
+    if text.startswith("invalid request description"):
+        raise fail(text, 2)
+    typer.echo(text)
 
 
 __all__ = ["policy_app"]

@@ -354,6 +354,12 @@ class DecideStage:
         self._prefix = prefix
 
     async def on_request(self, ex: Exchange) -> Problem | None:
+        if ex.facts.get("policy_deferred"):
+            # The route's owner comes from the upstream's answer (a `header` owner source),
+            # which a decision made before the proxy forwards the request can never see:
+            # refuse rather than allow an object-level check that cannot be made.
+            return Problem(403, "forbidden", "forward_auth.owner_needs_response",
+                           "This request cannot be authorized before the upstream answers.")
         headers = principal_headers(self._prefix, ex.principal, ex.request_id)
         if headers is None:  # fail closed: an identity we cannot state is not passed on
             return Problem(500, "internal-error", "forward_auth.principal_too_large",

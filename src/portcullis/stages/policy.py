@@ -64,7 +64,10 @@ class PolicyStage:
         rc = self._resources.get(route.name)
         source = self._owners.get(rc.owner) if rc is not None and rc.owner else None
         if rc is not None and source is not None and not source.deferred and rc.id_param in ex.path_params:
-            tenant = ex.path_params.get(rc.tenant_param) if rc.tenant_param else None
+            # The tenant the object is looked up under: the resource's own tenant parameter,
+            # else the route's (as the request mapping does).
+            tparam = rc.tenant_param or route.config.tenant_param
+            tenant = ex.path_params.get(tparam) if tparam else None
             try:
                 owner = await source.lookup(rc.type, ex.path_params[rc.id_param], tenant)
             except OwnerLookupError as exc:
@@ -73,10 +76,17 @@ class PolicyStage:
                 return Problem(503, "service-unavailable", "policy.owner_unavailable",
                                "The request cannot be authorized right now; retry shortly.",
                                headers=[(b"retry-after", b"1")])
+        deferred = isinstance(source, HeaderOwnerSource) and rc is not None and rc.id_param in ex.path_params
+        if deferred:
+            # The owner is named only by the upstream's answer. Decide now as if the caller
+            # owned the object — the most ownership can ever allow — so every other rule
+            # (roles, tenant, time, MFA...) still refuses early; the decision that counts is
+            # made again on the answer, with the real owner, before anything is sent.
+            owner = Owner(p.subject, None)
         d = self._decide(ex, p, owner)
         if not d.allowed:
             return _denied(d)
-        if isinstance(source, HeaderOwnerSource):
+        if deferred:
             ex.facts["policy_deferred"] = True
         return None
 
@@ -104,6 +114,11 @@ class PolicyStage:
         try:
             owner = source.from_headers(up.headers)
         except OwnerLookupError:
+            owner = None
+        if owner is None:
+            # Fail closed: a successful answer about an owned object must name its owner,
+            # exactly once; otherwise nobody can say whether the caller may see it.
+            ex.facts["policy"] = {"policy_decision": "deny", "policy_reason": "policy.owner_ambiguous"}
             problem = Problem(502, "bad-gateway", "policy.owner_ambiguous",
                               "The upstream answer could not be delivered.")
         else:
