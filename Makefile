@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 ARGS   ?=
 
-.PHONY: run test lint typecheck unit bench bench-micro lock clean
+.PHONY: run test lint typecheck unit bench bench-micro bench-oauth lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(VENV)/.installed-test bench-micro
 # Microbenchmarks of the hot functions (pytest-benchmark).
 bench-micro: $(VENV)/.installed-test
 	$(BIN)/pytest tests/bench --benchmark-only --benchmark-columns=min,median,mean,ops --benchmark-sort=name -p no:cacheprovider
+
+# The authorization server against panva's oidc-provider, one run (docs/benchmarks.md).
+bench-oauth: $(VENV)/.installed-test
+	bash scripts/bench/oauth_bench.sh $(ARGS)
 
 # Re-pin every dependency (run when pyproject.toml changes; needs the registry).
 lock:
