@@ -1,11 +1,14 @@
-"""`AuditStore` on SQLite, via SQLAlchemy Core (so a PostgreSQL backend can share the
-table definitions and queries).
+"""`AuditStore` on SQLite or PostgreSQL, via SQLAlchemy Core (one set of tables and
+queries for both).
 
-Durability: WAL journal with ``synchronous=FULL``, so a committed batch is fsynced
-before `append_batch` returns. Appends run in ``BEGIN IMMEDIATE`` transactions, which
-take SQLite's single write lock up front: appenders in other processes wait (up to the
-busy timeout) instead of reading a head that is about to go stale, so the chain stays
-linear however many processes write.
+Durability: SQLite runs a WAL journal with ``synchronous=FULL``; PostgreSQL commits with
+``synchronous_commit=on`` (forced per transaction, whatever the server default), so a
+committed batch is on disk before `append_batch` returns.
+
+One linear chain however many writers: an append must read the head and insert after it
+with nobody else appending in between. SQLite: ``BEGIN IMMEDIATE`` takes the single write
+lock up front. PostgreSQL: the transaction first takes ``LOCK TABLE events IN EXCLUSIVE
+MODE``, which blocks other appenders (on every node) but not readers, until commit.
 """
 
 from __future__ import annotations
@@ -36,19 +39,23 @@ from portcullis.audit.chain import (
 from portcullis.audit.events import AuditEvent
 from portcullis.audit.keys import key_id
 from portcullis.audit.store import AuditStoreError, ChainHead, Checkpoint, CorruptEventError
+from portcullis.storage.engine import StorageConfig, make_engine, sqlite_file_url
 
 SCHEMA_VERSION = 1
 
 metadata = sa.MetaData()
+# 64-bit on PostgreSQL (a busy gateway passes 2**31 events in days); plain INTEGER on
+# SQLite, where it is already 64-bit and INTEGER PRIMARY KEY makes `seq` the rowid.
+BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 events_table = sa.Table(
     "events",
     metadata,
     # INTEGER PRIMARY KEY: SQLite's rowid, always an integer, assigned by us (not autoincrement).
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", BigInt, primary_key=True, autoincrement=False),
     sa.Column("ts", sa.Float, nullable=False),
     *(sa.Column(name, sa.Text, nullable=False) for name in STR_FIELDS),
-    *(sa.Column(name, sa.Integer, nullable=False) for name in INT_FIELDS),
+    *(sa.Column(name, BigInt, nullable=False) for name in INT_FIELDS),
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("extra", sa.Text, nullable=False),  # canonical JSON (chain.encode_extra)
     sa.Column("prev_hash", sa.String(64), nullable=False),
@@ -62,8 +69,8 @@ checkpoints_table = sa.Table(
     metadata,
     # Own id rather than seq as the key: if the tail is ever truncated and re-appended,
     # the old checkpoints stay as evidence instead of blocking inserts or being replaced.
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("id", BigInt, primary_key=True, autoincrement=True),
+    sa.Column("seq", BigInt, nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
     sa.Column("ts", sa.Float, nullable=False),
     sa.Column("key_id", sa.String(16), nullable=False),
@@ -79,9 +86,14 @@ _MAX_ROWID = 2**63 - 1
 # processing costs more than the insert itself on the audit hot path.
 _row_getter = operator.attrgetter(*_EVENT_COLUMNS)
 _EXTRA_INDEX = _EVENT_COLUMNS.index("extra")
-_INSERT_EVENTS = (  # fixed column names, bound values: no injection vector
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' for _ in _EVENT_COLUMNS)})"  # noqa: S608
-)
+
+def _insert_events_sql(paramstyle: str) -> str:
+    """The driver-level INSERT (fixed column names, bound values: no injection vector)."""
+    mark = "?" if paramstyle == "qmark" else "%s"  # sqlite3: qmark; psycopg: format/pyformat
+    return f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join(mark for _ in _EVENT_COLUMNS)})"  # noqa: S608
+
+
+_INSERT_EVENTS = _insert_events_sql("qmark")
 
 
 def _decode_text(raw: bytes) -> str:
@@ -143,35 +155,55 @@ def _decode_checkpoint(m: sa.RowMapping) -> Checkpoint:
     )
 
 
-class SqliteAuditStore:
-    """The audit log in one SQLite file; implements `portcullis.audit.store.AuditStore`.
+class SqlAuditStore:
+    """The audit log in SQLite or PostgreSQL; implements `portcullis.audit.store.AuditStore`.
 
-    With a `signing_key` the store can append: the file, its directory (0700) and the
-    schema are created if absent, the file with mode 0600. Without one it is read-only
-    (for `audit tail`/`audit verify`), `path` must exist, and `append_batch` raises
-    AuditStoreError. `verify_key` defaults to the signing key's public half; if both
-    are given they must match. Safe to share between threads.
+    `target`: a SQLite file path (the default layout), or an engine on a shared database
+    (`portcullis.storage.engine.make_engine`), whose schema the ``audit`` migrations manage.
+
+    With a `signing_key` the store can append: a SQLite file, its directory (0700) and the
+    schema are created if absent, the file with mode 0600; a shared database is migrated
+    (or checked, `storage.auto_migrate`). Without one it is read-only (for `audit
+    tail`/`audit verify`): nothing is created, and `append_batch` raises AuditStoreError.
+    `verify_key` defaults to the signing key's public half; if both are given they must
+    match. Safe to share between threads.
     """
 
     def __init__(
         self,
-        path: Path,
+        target: Path | sa.Engine,
         signing_key: Ed25519PrivateKey | None = None,
         verify_key: Ed25519PublicKey | None = None,
         *,
         busy_timeout: float = 10.0,
         page_size: int = 1000,
+        storage: StorageConfig | None = None,
     ) -> None:
         if signing_key is not None:
             derived = signing_key.public_key()
             if verify_key is not None and verify_key != derived:
                 raise ValueError("verify_key is not the public key of signing_key")
             verify_key = derived
-        self._path = path
         self._signing_key = signing_key
         self._verify_key = verify_key
         self._key_id = key_id(signing_key.public_key()) if signing_key is not None else ""
         self._page = max(1, page_size)
+        if isinstance(target, sa.Engine):
+            self._path = Path(target.url.render_as_string(hide_password=True))
+            self._engine = target
+            self._write_engine = target
+            self._sqlite = target.dialect.name == "sqlite"
+            self._insert_sql = _insert_events_sql(target.dialect.paramstyle)
+            try:
+                self._prepare_shared(writable=signing_key is not None, storage=storage or StorageConfig())
+            except BaseException:
+                self._engine.dispose()
+                raise
+            return
+        path = target
+        self._path = path
+        self._sqlite = True
+        self._insert_sql = _INSERT_EVENTS
         if signing_key is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Create the file ourselves so it is born 0600; SQLite gives the -wal and
@@ -180,38 +212,24 @@ class SqliteAuditStore:
         elif not path.is_file():
             raise FileNotFoundError(f"{path}: no audit database")
 
-        busy_ms = int(busy_timeout * 1000)
-        self._engine = sa.create_engine(
-            sa.URL.create("sqlite+pysqlite", database=str(path)),
-            connect_args={"timeout": busy_timeout, "check_same_thread": False},
-            # Event data (IPs, subjects) must not end up in error messages and logs.
-            hide_parameters=True,
-        )
+        self._engine = make_engine(sqlite_file_url(path), StorageConfig(busy_timeout_seconds=busy_timeout),
+                                   sqlite_explicit_begin=True)
 
         def on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Runs after the engine's own pragmas (WAL, synchronous=FULL, busy timeout).
             if not isinstance(dbapi_conn, sqlite3.Connection):
                 raise TypeError(f"expected a sqlite3 connection, got {type(dbapi_conn).__name__}")
-            # Stop sqlite3's implicit transaction handling; `on_begin` emits BEGIN itself.
-            dbapi_conn.isolation_level = None
             dbapi_conn.text_factory = _decode_text
             cur = dbapi_conn.cursor()
             try:
-                cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-                mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise AuditStoreError(f"{path}: cannot use WAL journal mode (got {mode!r})")
-                # FULL: the WAL is fsynced at every commit, so a commit is durable.
-                cur.execute("PRAGMA synchronous = FULL")
                 cur.execute("PRAGMA fullfsync = ON")  # macOS: F_FULLFSYNC; no-op elsewhere
             finally:
                 cur.close()
 
-        def on_begin(conn: sa.Connection) -> None:
-            mode = conn.get_execution_options().get("portcullis_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
         sa.event.listen(self._engine, "connect", on_connect)
-        sa.event.listen(self._engine, "begin", on_begin)
         # IMMEDIATE takes the write lock at BEGIN, so the head we read cannot go stale.
         self._write_engine = self._engine.execution_options(portcullis_begin="IMMEDIATE")
         try:
@@ -221,6 +239,8 @@ class SqliteAuditStore:
             raise
 
     def _prepare_schema(self, *, writable: bool) -> None:
+        """The default layout's own file: create the tables once, versioned by
+        ``PRAGMA user_version`` (``portcullis db upgrade`` adds Alembic's version on top)."""
         engine = self._write_engine if writable else self._engine
         with engine.begin() as conn:
             version = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
@@ -235,6 +255,14 @@ class SqliteAuditStore:
                 for index in table.indexes:
                     conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
             conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _prepare_shared(self, *, writable: bool, storage: StorageConfig) -> None:
+        from portcullis.storage.migrations import ensure_schema
+
+        if writable:
+            ensure_schema(self._engine, storage, ["audit"])
+        elif not sa.inspect(self._engine).has_table("events"):
+            raise AuditStoreError(f"{self._path}: not a Portcullis audit database (no events table)")
 
     @property
     def path(self) -> Path:
@@ -261,6 +289,10 @@ class SqliteAuditStore:
         e = events_table.c
         try:
             with self._write_engine.begin() as conn:
+                if not self._sqlite:
+                    # Durable whatever the server's default; one appender at a time (see module doc).
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
+                    conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
                 head = conn.execute(sa.select(e.seq, e.hash).order_by(e.seq.desc()).limit(1)).first()
                 seq, prev = (int(head[0]), _as_str(head[1])) if head is not None else (0, GENESIS_HASH)
                 rows: list[tuple[Any, ...]] = []
@@ -273,7 +305,7 @@ class SqliteAuditStore:
                     row = list(_row_getter(ev))
                     row[_EXTRA_INDEX] = extra_json
                     rows.append(tuple(row))
-                conn.exec_driver_sql(_INSERT_EVENTS, rows)
+                conn.exec_driver_sql(self._insert_sql, rows)
                 cp_ts = round(time.time(), 6)
                 signature = self._signing_key.sign(checkpoint_message(seq, prev, cp_ts)).hex()
                 conn.execute(sa.insert(checkpoints_table).values(
@@ -320,9 +352,10 @@ class SqliteAuditStore:
         c = checkpoints_table.c
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(e.seq, e.hash).order_by(e.seq.desc()).limit(1)).first()
-            cp_seq = conn.execute(
-                sa.select(sa.func.max(c.seq)).where(sa.func.typeof(c.seq) == "integer")
-            ).scalar()
+            q = sa.select(sa.func.max(c.seq))
+            if self._sqlite:  # SQLite columns take any type; a tampered row must not count
+                q = q.where(sa.func.typeof(c.seq) == "integer")
+            cp_seq = conn.execute(q).scalar()
         seq, hash_ = (int(row[0]), _as_str(row[1])) if row is not None else (0, GENESIS_HASH)
         return ChainHead(seq=seq, hash=hash_, checkpoint_seq=int(cp_seq or 0))
 
@@ -333,10 +366,11 @@ class SqliteAuditStore:
         remaining = limit
         while remaining is None or remaining > 0:
             n = self._page if remaining is None else min(self._page, remaining)
+            query = sa.select(c.id, c.seq, c.hash, c.ts, c.key_id, c.signature)
+            if self._sqlite:
+                query = query.where(sa.func.typeof(c.seq) == "integer")
             query = (
-                sa.select(c.id, c.seq, c.hash, c.ts, c.key_id, c.signature)
-                .where(sa.func.typeof(c.seq) == "integer")
-                .where(sa.tuple_(c.seq, c.id) > sa.tuple_(sa.literal(cursor[0]), sa.literal(cursor[1])))
+                query.where(sa.tuple_(c.seq, c.id) > sa.tuple_(sa.literal(cursor[0]), sa.literal(cursor[1])))
                 .order_by(c.seq, c.id)
                 .limit(n)
             )
@@ -351,7 +385,9 @@ class SqliteAuditStore:
                 remaining -= len(rows)
 
     def pragmas(self) -> dict[str, str]:
-        """Diagnostics: journal_mode, synchronous and busy_timeout as a connection sees them."""
+        """Diagnostics (SQLite): journal_mode, synchronous and busy_timeout as a connection sees them."""
+        if not self._sqlite:
+            raise AuditStoreError("pragmas are a SQLite diagnostic")
         with self._engine.connect() as conn:
             return {
                 name: str(conn.exec_driver_sql(f"PRAGMA {name}").scalar_one())
@@ -362,7 +398,7 @@ class SqliteAuditStore:
         """Close all pooled connections. Idempotent."""
         self._engine.dispose()
 
-    def __enter__(self) -> SqliteAuditStore:
+    def __enter__(self) -> SqlAuditStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -373,3 +409,6 @@ def _encode_event(ev: AuditEvent) -> dict[str, Any]:
     row: dict[str, Any] = {name: getattr(ev, name) for name in _EVENT_COLUMNS if name != "extra"}
     row["extra"] = encode_extra(ev.extra)
     return row
+
+
+SqliteAuditStore = SqlAuditStore  # the name earlier code imports

@@ -1,5 +1,7 @@
 """Group-commit writer: the request path hands events over without waiting; one thread
-makes them durable in batches (one transaction and one fsync per batch)."""
+makes them durable in batches (one transaction and one fsync per batch). With a spool
+(`portcullis.audit.spool`), batches the store cannot take wait on local disk and drain
+when it returns."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Callable
 
 from portcullis.audit.chain import normalize_event
 from portcullis.audit.events import AuditEvent
+from portcullis.audit.spool import SPOOL_DEDUP_WINDOW, AuditSpool, SpoolFullError, event_key
 from portcullis.audit.store import AuditStore
 
 log = logging.getLogger("portcullis.audit")
@@ -40,6 +43,14 @@ class AuditWriter:
     exponential backoff (`retry_initial` doubling up to `retry_max` seconds) while new
     submissions accumulate up to `max_backlog`. Only `close` giving up (its timeout)
     abandons unwritten events, and that is logged as an error with their count.
+
+    With a `spool`, a batch the store refuses is written to local disk instead (durably)
+    and acknowledged — `on_durable` then means "in the store or in the spool", and the
+    events carry no chain fields yet. While the spool holds anything, new batches join it
+    (the chain keeps submission order) and the writer retries draining it, oldest first,
+    with the same backoff. Batches left in the spool by a previous process are drained
+    first. If the spool is full or the disk fails, the writer falls back to retrying in
+    memory as without one.
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class AuditWriter:
         retry_initial: float = 0.05,
         retry_max: float = 5.0,
         linger: float = 0.002,
+        spool: AuditSpool | None = None,
     ) -> None:
         if max_batch < 1 or max_backlog < 1:
             raise ValueError("max_batch and max_backlog must be >= 1")
@@ -78,6 +90,9 @@ class AuditWriter:
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
+        self._spool = spool
+        self._drain_delay = retry_initial
+        self._drain_at = 0.0  # monotonic time of the next drain attempt
 
     @property
     def max_batch(self) -> int:
@@ -105,6 +120,11 @@ class AuditWriter:
     def last_error(self) -> str | None:
         """The store error being retried right now, or None while writes succeed."""
         return self._last_error
+
+    @property
+    def spooled_batches(self) -> int:
+        """Batches acknowledged but still waiting in the local spool for the store."""
+        return self._spool.pending if self._spool is not None else 0
 
     @property
     def running(self) -> bool:
@@ -168,12 +188,19 @@ class AuditWriter:
                 self._start_thread()  # closed before start(): still write what was submitted
         thread = self._thread
         if thread is None:
+            self._close_spool()
             return True
         thread.join(timeout)
         if thread.is_alive():
             self._abort.set()
             thread.join(_ABORT_GRACE)
+        if not thread.is_alive():
+            self._close_spool()
         return not thread.is_alive() and self._durable == self._submitted
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
 
     def _run(self) -> None:
         try:
@@ -187,21 +214,34 @@ class AuditWriter:
                 log.error("audit writer stopped with %d submitted events NOT written", lost)
 
     def _next(self) -> AuditEvent | None:
-        """Block for the next item; None at the stop marker or if the main thread exited."""
+        """Block for the next item; None at the stop marker or if the main thread exited.
+
+        While the spool holds batches, drains it whenever a drain is due."""
         while True:
+            if self._spool is not None and self._spool.pending and time.monotonic() >= self._drain_at:
+                self._drain()
             try:
-                return self._queue.get(timeout=_IDLE_POLL)
+                return self._queue.get(timeout=self._idle_timeout())
             except queue.Empty:
                 # Without this a forgotten close() would hang interpreter exit, which
                 # joins non-daemon threads; by now everything submitted is written.
                 if not threading.main_thread().is_alive():
                     return None
+                if self._abort.is_set():
+                    return None
+
+    def _idle_timeout(self) -> float:
+        if self._spool is not None and self._spool.pending:
+            return min(_IDLE_POLL, max(0.001, self._drain_at - time.monotonic()))
+        return _IDLE_POLL
 
     def _loop(self) -> None:
         stop = False
         while not stop and not self._abort.is_set():
             first = self._next()
             if first is None:
+                if self._spool is not None and self._spool.pending and not self._abort.is_set():
+                    self._drain()  # one last try; what stays is safe on disk for the next start
                 return
             batch = [first]
             if self._linger and self._queue.qsize() < self._max_batch - 1:
@@ -218,8 +258,86 @@ class AuditWriter:
             if not self._write(batch):
                 return
 
+    def _acknowledge(self, batch: list[AuditEvent]) -> None:
+        if self._on_durable is not None:
+            try:
+                self._on_durable(batch)
+            except Exception:
+                # The events are durable; a failing acknowledgement must not rewrite them.
+                log.exception("audit on_durable callback failed")
+        with self._durable_cond:
+            self._durable += len(batch)
+            self._durable_cond.notify_all()
+
+    def _spool_put(self, batch: list[AuditEvent], *, uncertain: bool) -> bool:
+        """Spool `batch` and acknowledge it; False if the spool cannot take it."""
+        assert self._spool is not None
+        try:
+            self._spool.put(batch, uncertain=uncertain)
+        except (SpoolFullError, OSError) as exc:
+            log.error("audit spool cannot take %d events (%s): holding them in memory", len(batch), _brief(exc))
+            return False
+        self._acknowledge(batch)
+        return True
+
+    def _drain(self) -> bool:
+        """Append spooled batches, oldest first, until the spool is empty (True) or the
+        store fails (False; the next attempt is scheduled with backoff)."""
+        assert self._spool is not None
+        for name in self._spool.batches():
+            if self._abort.is_set():
+                return False
+            spooled = self._spool.read(name)
+            if spooled is None:
+                continue  # unreadable: set aside and logged by the spool
+            try:
+                if not (spooled.uncertain and self._already_stored(spooled.events)):
+                    self._store.append_batch(spooled.events, assume_normalized=True)
+            except Exception as exc:
+                self._last_error = _brief(exc)
+                log.error("audit spool drain failed (%d batches waiting), retrying in %.2fs: %s",
+                          self._spool.pending, self._drain_delay, self._last_error)
+                self._drain_at = time.monotonic() + self._drain_delay
+                self._drain_delay = min(self._drain_delay * 2, self._retry_max)
+                return False
+            self._spool.remove(name)
+        if self._last_error is not None:
+            log.warning("audit spool drained: the store is back")
+        self._last_error = None
+        self._drain_delay = self._retry_initial
+        self._drain_at = 0.0
+        return True
+
+    def _already_stored(self, events: list[AuditEvent]) -> bool:
+        """Whether an uncertain batch is already in the store (see `portcullis.audit.spool`)."""
+        if not events:
+            return True
+        tail = {event_key(e) for e in self._store.tail(SPOOL_DEDUP_WINDOW)}
+        found = event_key(events[0]) in tail and event_key(events[-1]) in tail
+        if found:
+            log.warning("audit spool batch of %d events was already committed: not appended again", len(events))
+        return found
+
     def _write(self, batch: list[AuditEvent]) -> bool:
         """Append `batch` until it succeeds; False if aborted first."""
+        if self._spool is not None:
+            # Spooled batches come first, so the chain keeps submission order.
+            if self._spool.pending and (time.monotonic() < self._drain_at or not self._drain()):
+                if self._spool_put(batch, uncertain=False):
+                    return True
+            elif not self._spool.pending:
+                try:
+                    self._store.append_batch(batch, assume_normalized=True)
+                except Exception as exc:
+                    self._last_error = _brief(exc)
+                    log.error("audit append of %d events failed, spooling to disk: %s", len(batch), self._last_error)
+                    self._drain_at = time.monotonic() + self._drain_delay
+                    if self._spool_put(batch, uncertain=True):
+                        return True
+                else:
+                    self._last_error = None
+                    self._acknowledge(batch)
+                    return True
         delay = self._retry_initial
         attempt = 0
         while True:
@@ -237,13 +355,5 @@ class AuditWriter:
         if attempt > 1:
             log.warning("audit append succeeded after %d attempts", attempt)
         self._last_error = None
-        if self._on_durable is not None:
-            try:
-                self._on_durable(batch)
-            except Exception:
-                # The events are durable; a failing acknowledgement must not rewrite them.
-                log.exception("audit on_durable callback failed")
-        with self._durable_cond:
-            self._durable += len(batch)
-            self._durable_cond.notify_all()
+        self._acknowledge(batch)
         return True

@@ -1,10 +1,13 @@
-"""Governance state on SQLite (SQLAlchemy 2 Core): role assignments, change requests and
-a revision counter, in the gateway's data directory (`governance.db`, 0600, WAL).
+"""Governance state (SQLAlchemy 2 Core): role assignments, change requests and a
+revision counter, in the gateway's data directory (`governance.db`, 0600, WAL) or in the
+shared database the data directory is bound to (PostgreSQL, `portcullis.storage.engine`).
 
 The store is plain persistence; the rules (four eyes, bounds, expiry) live in
-`portcullis.governance.service`. Every write goes through `write()`, which holds
-SQLite's write lock from BEGIN (``BEGIN IMMEDIATE``), so a read-check-update inside it
-cannot race another writer, in this process or another one.
+`portcullis.governance.service`. Every write goes through `write()`, which serializes
+writers from its first statement — SQLite: ``BEGIN IMMEDIATE`` (the write lock);
+PostgreSQL: ``SELECT ... FOR UPDATE`` on the revision row, which every writer takes
+first — so a read-check-update inside it cannot race another writer, in this process,
+another one, or on another node.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from portcullis.storage.engine import StorageConfig, external_engine, make_engine, sqlite_file_url
 
 GOVERNANCE_DB = "governance.db"
 
@@ -174,42 +179,38 @@ class GovernanceStore:
     """Role assignments and change requests in one SQLite file; safe to share between
     threads and to open from several processes (the gateway and the CLI)."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Born 0600; SQLite gives the -wal and -shm files the database's mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    def __init__(self, path: Path, *, busy_timeout: float = 5.0, engine: sa.Engine | None = None,
+                 storage: StorageConfig | None = None) -> None:
         self._path = path
-        busy_ms = int(busy_timeout * 1000)
-        self._engine = sa.create_engine(
-            sa.URL.create("sqlite+pysqlite", database=str(path)),
-            connect_args={"timeout": busy_timeout, "check_same_thread": False},
-            hide_parameters=True,
-        )
+        if engine is None and (bound := external_engine(path.parent, sqlite_explicit_begin=True)) is not None:
+            engine, storage = bound
+        if engine is not None:
+            from portcullis.storage.migrations import ensure_schema
 
-        def on_connect(dbapi_conn: Any, _record: Any) -> None:
-            if not isinstance(dbapi_conn, sqlite3.Connection):
-                raise TypeError(f"expected a sqlite3 connection, got {type(dbapi_conn).__name__}")
-            dbapi_conn.isolation_level = None  # `on_begin` emits BEGIN itself
-            cur = dbapi_conn.cursor()
+            self._engine = engine
+            self._sqlite = engine.dialect.name == "sqlite"
             try:
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
-            finally:
-                cur.close()
-
-        def on_begin(conn: sa.Connection) -> None:
-            mode = conn.get_execution_options().get("portcullis_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
-        sa.event.listen(self._engine, "connect", on_connect)
-        sa.event.listen(self._engine, "begin", on_begin)
+                ensure_schema(engine, storage or StorageConfig(), ["governance"])
+            except BaseException:
+                engine.dispose()
+                raise
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Born 0600; SQLite gives the -wal and -shm files the database's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._sqlite = True
+            self._engine = make_engine(sqlite_file_url(path), StorageConfig(busy_timeout_seconds=busy_timeout),
+                                       sqlite_explicit_begin=True)
         self._write_engine = self._engine.execution_options(portcullis_begin="IMMEDIATE")
         try:
-            with self._write_engine.begin() as conn:
-                metadata.create_all(conn)
-                if conn.execute(sa.select(revision_table.c.revision)).first() is None:
-                    conn.execute(revision_table.insert().values(id=1, revision=0))
+            try:
+                with self._write_engine.begin() as conn:
+                    if self._sqlite:
+                        metadata.create_all(conn)
+                    if conn.execute(sa.select(revision_table.c.revision)).first() is None:
+                        conn.execute(revision_table.insert().values(id=1, revision=0))
+            except IntegrityError:
+                pass  # another process inserted the row first
         except BaseException:
             self._engine.dispose()
             raise
@@ -223,6 +224,9 @@ class GovernanceStore:
         """One write transaction, holding the write lock from its start; commits on a
         normal exit, rolls back on an exception."""
         with self._write_engine.begin() as conn:
+            if not self._sqlite:
+                # Every writer locks the one revision row first: writers run one at a time.
+                conn.execute(sa.select(revision_table.c.id).with_for_update())
             yield conn
 
     @contextmanager

@@ -1,8 +1,10 @@
-"""The authorization server's store: one SQLite file (SQLAlchemy 2 Core).
+"""The authorization server's store: one SQLite file, or the shared database the data
+directory is bound to (PostgreSQL; see `portcullis.storage.engine`). SQLAlchemy 2 Core.
 
-Every module of `oauth/` declares its tables on `metadata`; `AuthDb` creates them all
-(import the modules first — `service.build_auth_server` does). Core, not ORM: the hot
-paths (client lookup, token issue) are single statements or served from caches.
+Every module of `oauth/` declares its tables on `metadata`; `AuthDb` creates them all on
+SQLite (import the modules first — `service.build_auth_server` does); on a shared
+database the ``oauth`` migrations own the schema. Core, not ORM: the hot paths (client
+lookup, token issue) are single statements or served from caches.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from portcullis.storage.engine import StorageConfig, external_engine, make_engine, sqlite_file_url
 
 metadata = sa.MetaData()
 
@@ -54,35 +59,39 @@ revision = sa.Table(
 )
 
 
-def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
 class AuthDb:
-    """The engine over `path` (0600, created with every table on `metadata`).
+    """The engine over `path` (0600, created with every table on `metadata`), or over the
+    shared database when `path`'s directory (the data directory) is bound to one, or over
+    `engine` when given (tests, tools).
 
-    Safe to share between threads and processes (SQLite WAL, busy timeout). `bump()`
-    increments one revision counter on every change to clients or tenants, so caches in
-    other processes notice with one integer read.
+    Safe to share between threads and processes (SQLite WAL, busy timeout; PostgreSQL
+    row locks). `bump()` increments one revision counter on every change to clients or
+    tenants, so caches in other processes notice with one integer read.
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
+    def __init__(self, path: Path, *, engine: sa.Engine | None = None,
+                 storage: StorageConfig | None = None) -> None:
         self.path = path
-        self.engine = sa.create_engine(f"sqlite:///{path}", future=True)
-        sa.event.listen(self.engine, "connect", _on_connect)
-        metadata.create_all(self.engine)
-        if new:
-            os.chmod(path, 0o600)
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(revision.c.revision)).first() is None:
-                conn.execute(revision.insert().values(id=1, revision=0))
+        if engine is None and (bound := external_engine(path.parent, sqlite_foreign_keys=True)) is not None:
+            engine, storage = bound
+        if engine is not None:
+            from portcullis.storage.migrations import ensure_schema
+
+            self.engine = engine
+            ensure_schema(engine, storage or StorageConfig(), ["oauth"])
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            self.engine = make_engine(sqlite_file_url(path), storage, sqlite_foreign_keys=True)
+            metadata.create_all(self.engine)
+            if new:
+                os.chmod(path, 0o600)
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(sa.select(revision.c.revision)).first() is None:
+                    conn.execute(revision.insert().values(id=1, revision=0))
+        except IntegrityError:
+            pass  # another process inserted the row first
 
     @contextmanager
     def begin(self) -> Iterator[sa.Connection]:

@@ -1,4 +1,9 @@
-"""The API key store on SQLite (SQLAlchemy 2 Core, so PostgreSQL can follow)."""
+"""The API key and token revocation store on SQLite or PostgreSQL (SQLAlchemy 2 Core).
+
+`SqlKeyStore(path)`: its own SQLite file (the default layout). `SqlKeyStore(engine)`: a
+shared database from `portcullis.storage.engine`, whose schema Alembic manages
+(`portcullis.storage.migrations`, branch ``keys``). The SQL is the same on both.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from portcullis.storage.engine import StorageConfig, make_engine, sqlite_file_url
 from portcullis.storage.protocols import ApiKeyRecord, KeyExistsError, RateLimitSpec, RevocationRecord
 
-_meta = sa.MetaData()
+metadata = _meta = sa.MetaData()  # `metadata`: the tables, for migrations
 api_keys = sa.Table(
     "api_keys",
     _meta,
@@ -46,34 +52,40 @@ revision_table = sa.Table(
 )
 
 
-def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
+class SqlKeyStore:
+    """`KeyStore` and `RevocationStore` in one database; safe to use from several threads
+    and processes (and nodes, on PostgreSQL). One revision counter covers both, so one poll
+    sees every change.
 
+    `target`: a SQLite file path (created 0600 with its tables, as always), or an engine
+    on a shared database, whose schema is brought up to date (or checked, see
+    `StorageConfig.auto_migrate`) with the ``keys`` migrations.
+    """
 
-class SqliteKeyStore:
-    """`KeyStore` and `RevocationStore` on one SQLite file; safe to use from several
-    processes. One revision counter covers both, so one poll sees every change."""
+    def __init__(self, target: Path | sa.Engine, storage: StorageConfig | None = None) -> None:
+        if isinstance(target, sa.Engine):
+            from portcullis.storage.migrations import ensure_schema
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        self._engine = sa.create_engine(f"sqlite:///{path}", future=True)
-        sa.event.listen(self._engine, "connect", _on_connect)
-        _meta.create_all(self._engine)
-        self._migrate()
-        if new:
-            os.chmod(path, 0o600)
-        with self._engine.begin() as conn:
-            if conn.execute(sa.select(revision_table.c.revision)).first() is None:
-                conn.execute(revision_table.insert().values(id=1, revision=0))
+            self._engine = target
+            ensure_schema(target, storage or StorageConfig(), ["keys"])
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            new = not target.exists()
+            self._engine = make_engine(sqlite_file_url(target), storage)
+            _meta.create_all(self._engine)
+            self._migrate()
+            if new:
+                os.chmod(target, 0o600)
+        try:
+            with self._engine.begin() as conn:
+                if conn.execute(sa.select(revision_table.c.revision)).first() is None:
+                    conn.execute(revision_table.insert().values(id=1, revision=0))
+        except IntegrityError:
+            pass  # another process inserted the row first
 
     def _migrate(self) -> None:
-        """Additive changes for stores made by earlier versions (Alembic takes this over
-        with the PostgreSQL backend)."""
+        """Additive changes for SQLite files made by earlier versions (`portcullis db
+        upgrade` does the same through Alembic, revision keys_0002)."""
         with self._engine.begin() as conn:
             cols = {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(api_keys)")}
             if "signing_key_id" not in cols:
@@ -179,3 +191,6 @@ class SqliteKeyStore:
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+SqliteKeyStore = SqlKeyStore  # the name earlier code imports
