@@ -61,7 +61,9 @@ class QuotaDecision:
 class QuotaBackend(Protocol):
     async def consume(self, key: str, period: str, limit: int, resets_at: float, cost: int = 1) -> QuotaDecision:
         """Count `cost` against `key` in calendar `period` (e.g. ``2026-11-29`` or
-        ``2026-11``) unless that would exceed `limit`; kept until `resets_at`."""
+        ``2026-11``) unless that would exceed `limit`; kept until `resets_at`. A negative
+        `cost` is a refund (a request another limit refused after all): the count goes
+        down by that much, never below zero, and is always allowed."""
         ...
 
     async def close(self) -> None: ...
