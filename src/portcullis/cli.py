@@ -124,6 +124,9 @@ def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="Gateway config file.")],
     host: Annotated[str | None, typer.Option(help="Override server.listen.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Override server.listen.port.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Gateway processes sharing the port (needs `redis:`).")] = 1,
+    reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
+    worker_index: Annotated[int, typer.Option(hidden=True, min=0)] = 0,
 ) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
     from portcullis.observe import configure_logging
@@ -131,7 +134,11 @@ def serve(
 
     loaded = _load_or_exit(config)
     configure_logging(loaded.config.server.log_level)
-    raise typer.Exit(run(loaded, host, port))
+    if workers > 1:
+        from portcullis.workers import serve_workers
+
+        raise typer.Exit(serve_workers(config, loaded.config, workers, host, port))
+    raise typer.Exit(run(loaded, host, port, reuse_port=reuse_port, worker_index=worker_index))
 
 
 @keys_app.command("create")
@@ -414,6 +421,7 @@ def tokens_revoked(config: ConfigOpt = None, data_dir: DataDirOpt = None,
 def main() -> None:
     """Entry point of the `portcullis` script."""
     import portcullis.cli_access  # registers `access` (and, with the next line, binds `portcullis`)
+    import portcullis.cli_db
     import portcullis.cli_oauth
     import portcullis.cli_policy  # noqa: F401 - registers the authorization server's and policy commands
     from portcullis.audit.store import AuditStoreError

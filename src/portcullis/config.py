@@ -8,6 +8,7 @@ beside its handler; this module composes them and checks what crosses models
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ from portcullis.oauth.config import AuthServerConfig
 from portcullis.oauth.http import AsRoutes
 from portcullis.policy.config import PolicyConfig
 from portcullis.policy.mapping import check_routes
-from portcullis.stages.limit import RateLimitConfig
+from portcullis.stages.limit import ADMISSION_KEYS, RateLimitConfig, TrafficConfig
 from portcullis.stages.normalize import NormalizeConfig
 from portcullis.stages.proxy import UpstreamConfig
 from portcullis.stages.route import RouteConfig, parse_template
 from portcullis.stages.signature import SignaturesConfig
+from portcullis.storage.engine import StorageConfig
 from portcullis.tls import TlsConfig
+from portcullis.traffic.config import RedisConfig
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 AS_PATH_PREFIXES = AsRoutes.PREFIXES
@@ -94,8 +97,12 @@ class GatewayConfig(BaseModel):
     policy: PolicyConfig | None = None
     forward_auth: ForwardAuthConfig | None = None  # the decision listener for other proxies
     audit: AuditConfig = AuditConfig()
+    # Where every store lives; None: the data directory's binding, by default SQLite files there.
+    storage: StorageConfig | None = None
+    redis: RedisConfig | None = None  # shared counters, replay caches, revocation fan-out
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     rate_limits: dict[str, RateLimitConfig] = Field(default_factory=dict)
+    traffic: TrafficConfig = TrafficConfig()  # limits on every route, quotas, concurrency, abuse, trust
     routes: list[RouteConfig] = Field(min_length=1)
 
     @field_validator("upstreams", "rate_limits")
@@ -156,6 +163,12 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
                               "already; remove this entry")
     if cfg.policy is not None:
         errors.extend(check_routes(cfg.policy, cfg.routes))
+        gdir, pdir = cfg.governance.policy_dir, cfg.policy.dir
+        if gdir is not None and pdir is not None and os.path.normpath(str(gdir)) != os.path.normpath(pdir):
+            # Four-eyes policy changes are validated against `policy.dir` and written to
+            # `governance.policy_dir`: two directories would approve one thing, serve another.
+            errors.append(f"governance.policy_dir: {gdir!s} is not policy.dir ({pdir}); they must be the same")
+    errors.extend(_traffic_check(cfg))
     names: dict[str, int] = {}
     seen: dict[tuple[str | None, str, tuple[tuple[str, bool], ...]], int] = {}
     for i, r in enumerate(cfg.routes):
@@ -204,6 +217,31 @@ def _cross_check(cfg: GatewayConfig) -> list[str]:
                 if not up_params <= params:
                     errors.append(f"{at}.upstream_path: uses parameters not in the path: "
                                   f"{', '.join(sorted(up_params - params))}")
+    return errors
+
+
+def _traffic_check(cfg: GatewayConfig) -> list[str]:
+    """`traffic:` references: named policies, upstreams; admission keys."""
+    errors: list[str] = []
+    t = cfg.traffic
+    for field in ("rate_limits", "admission"):
+        names: list[str] = getattr(t, field)
+        for i, name in enumerate(names):
+            at = f"traffic.{field}[{i}]"
+            if name not in cfg.rate_limits:
+                errors.append(f"{at}: unknown rate limit {name!r}")
+            elif field == "admission" and cfg.rate_limits[name].key not in ADMISSION_KEYS:
+                errors.append(f"{at}: {name!r} is counted per {cfg.rate_limits[name].key}, which is not known "
+                              "before authentication; admission limits need key 'global' or 'ip'")
+            if names.index(name) != i:
+                errors.append(f"{at}: {name!r} is listed twice")
+    for i, name in enumerate(t.admission):
+        if name in t.rate_limits:
+            errors.append(f"traffic.admission[{i}]: {name!r} is also in traffic.rate_limits; it would count "
+                          "every request twice")
+    for name in t.concurrency.upstreams:
+        if name not in cfg.upstreams:
+            errors.append(f"traffic.concurrency.upstreams.{name}: unknown upstream {name!r}")
     return errors
 
 

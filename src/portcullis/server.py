@@ -159,8 +159,34 @@ def start_metrics(gw: Gateway, loaded: LoadedConfig) -> Callable[[], None]:
     return stop
 
 
-def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> int:
-    """Run until SIGTERM/SIGINT; the exit status for the CLI."""
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT: several worker processes bind the same address
+    and the kernel spreads connections over them (`serve --workers`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"server.listen: cannot bind {host}:{port} ({exc.strerror})") from None
+    sock.setblocking(False)
+    return sock
+
+
+def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None, *,
+          reuse_port: bool = False, worker_index: int = 0) -> int:
+    """Run until SIGTERM/SIGINT; the exit status for the CLI. As worker `worker_index` of
+    `serve --workers` (`reuse_port`), the public socket is shared and the metrics listener
+    moves to `metrics.port + worker_index`."""
+    if worker_index:
+        m = loaded.config.server.metrics
+        if m is not None and m.port:
+            server_cfg = loaded.config.server.model_copy(
+                update={"metrics": m.model_copy(update={"port": m.port + worker_index})})
+            loaded = LoadedConfig(loaded.config.model_copy(update={"server": server_cfg}), loaded.path)
     try:
         gw = build_gateway(loaded)
     except PolicyError as exc:
@@ -180,8 +206,17 @@ def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None
         # killing the process, so a clean shutdown exits 0 as operators expect.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: received.append(signum))
+    sockets = None
+    if reuse_port:
+        listen = loaded.config.server.listen
+        try:
+            sockets = [reuse_port_socket(host or listen.host, listen.port if port is None else port)]
+        except ValueError as exc:
+            stop_metrics()
+            log.error("cannot start: %s", exc)
+            return 1
     try:
-        server.run()
+        server.run(sockets=sockets)
     finally:
         stop_metrics()
     if not server.started:

@@ -24,6 +24,7 @@ from portcullis.oauth.http import AsResponse, oauth_error
 from portcullis.oauth.server import OAuthRequest
 from portcullis.secretfile import create_once
 from portcullis.tls import cert_thumbprint
+from portcullis.traffic.protocols import ReplayCache
 
 NONCE_KEY_FILE = "as-dpop-nonce-key"
 #: The algorithms we accept in proofs (published as dpop_signing_alg_values_supported).
@@ -41,7 +42,10 @@ def _nonce_secret(secrets_dir: Path) -> bytes:
 class TokenEndpointDpop:
     """Checks the ``DPoP`` header of token requests and binds the request to its key."""
 
-    def __init__(self, cfg: AuthServerConfig, secrets_dir: Path, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: AuthServerConfig, secrets_dir: Path, clock: Callable[[], float],
+                 replay: ReplayCache | None = None) -> None:
+        # Shared across nodes (Redis): a proof replayed at another node is refused too.
+        self._replay = replay
         self.nonces = DpopNonces(_nonce_secret(secrets_dir), 300, clock) if cfg.dpop_nonce_required else None
         self.verifier = DpopVerifier(DpopConfig(algorithms=list(DPOP_ALGS), require_nonce=cfg.dpop_nonce_required),
                                      clock=clock, nonces=self.nonces)
@@ -73,6 +77,19 @@ class TokenEndpointDpop:
             return oauth_error("invalid_dpop_proof", "The DPoP proof is not valid.", reason=f"oauth.{refusal.reason}")
         request.dpop_jkt = result.jkt
         req.audit["dpop_jkt"] = result.jkt
+        request.dpop_jti = result.jti
+        return None
+
+    async def check_shared(self, request: OAuthRequest) -> AsResponse | None:
+        """`check`, then the proof's `jti` against the replay cache shared by every node
+        (§11.1); a cache that cannot answer refuses (fail closed)."""
+        refused = self.check(request)
+        if refused is not None or request.dpop_jkt is None or self._replay is None:
+            return refused
+        if not await self._replay.first_use("dpop-as", f"{request.dpop_jkt}|{request.dpop_jti}",
+                                            self.verifier.replay.ttl):
+            request.as_request.audit["dpop"] = "dpop.replay"
+            return oauth_error("invalid_dpop_proof", "The DPoP proof is not valid.", reason="oauth.dpop.replay")
         return None
 
 

@@ -60,16 +60,18 @@ class OAuthRequest(OAuth2Request):  # type: ignore[misc]
         self.uri = req.issuer + req.path
         self.headers = req.headers
         self._body = None
-        self.client = None
-        self.auth_method = None
-        self.user = None
-        self.authorization_code = None
-        self.refresh_token = None
-        self.credential = None
-        self._scope = None
+        # Set by Authlib's grants as they run (typed as Authlib leaves them).
+        self.client: Any = None
+        self.auth_method: Any = None
+        self.user: Any = None
+        self.authorization_code: Any = None
+        self.refresh_token: Any = None
+        self.credential: Any = None
+        self._scope: Any = None
         self.as_request = req
         self.payload = _Payload(req)
         self.dpop_jkt: str | None = None
+        self.dpop_jti: str | None = None
         self.cert_x5t: str | None = None
         self.login: LoginState | None = None
         self.resources: list[str] = []

@@ -22,6 +22,7 @@ from portcullis.oauth.http import AsRoutes, AuthServerStage
 from portcullis.oauth.models import ClientDirectory, Sessions
 from portcullis.oauth.server import AuthorizationServer
 from portcullis.storage.protocols import RevocationStore
+from portcullis.traffic.protocols import ReplayCache
 
 Hook = Callable[[], Awaitable[None]]
 #: Revokes a token the server issued if it is one of the area's (e.g. a refresh token):
@@ -64,6 +65,9 @@ class AuthContext:
     clock: Callable[[], float] = time.time
     keys: SigningKeys | None = None
     sessions: Sessions | None = None
+    # Replay caches shared by every node (Redis), when configured: DPoP proofs at the
+    # token endpoint. None: the in-process caches only (one node).
+    replay: ReplayCache | None = None
     # Discovery metadata (RFC 8414 §2, OIDC Discovery §3): each area adds its endpoints
     # and capabilities; the discovery documents serve the merged dict.
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -123,11 +127,12 @@ def open_context(cfg: AuthServerConfig, data_dir: Path, hasher: KeyHasher, revoc
 
 def build_auth_server(cfg: AuthServerConfig, data_dir: Path, hasher: KeyHasher, revocations: RevocationStore,
                       *, trusted: TrustedProxies | None = None, client_cert_header: str | None = None,
-                      clock: Callable[[], float] = time.time) -> AuthServer:
+                      clock: Callable[[], float] = time.time, replay: ReplayCache | None = None) -> AuthServer:
     """The whole server over `data_dir`, ready to mount after the normalize stage."""
     from portcullis.oauth import authorize, identity, tokens
 
     ctx = open_context(cfg, data_dir, hasher, revocations, trusted=trusted, clock=clock)
+    ctx.replay = replay
     identity.install(ctx)
     tokens.install(ctx)
     authorize.install(ctx)

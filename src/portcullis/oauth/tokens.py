@@ -141,7 +141,7 @@ class TokenEndpoints:
         except InvalidTargetError as exc:
             return self._finish(req, oauth_error("invalid_target", str(exc.description), reason="oauth.invalid_target"))
         bind_certificate(oreq)
-        refused = self._dpop.check(oreq)
+        refused = await self._dpop.check_shared(oreq)
         if refused is not None:
             return self._finish(req, refused)
         with bind_request(oreq):
@@ -204,7 +204,7 @@ def install(ctx: AuthContext) -> None:
     snapshot = RevocationSnapshot(ctx.revocations, ctx.clock)
     server.register_endpoint(Introspection(cfg, own, snapshot, ctx.token_introspectors))
     server.register_endpoint(Revocation(own, ctx.revocations, snapshot, ctx.token_revokers, ctx.clock))
-    endpoints = TokenEndpoints(ctx, ring, TokenEndpointDpop(cfg, ctx.secrets_dir, ctx.clock),
+    endpoints = TokenEndpoints(ctx, ring, TokenEndpointDpop(cfg, ctx.secrets_dir, ctx.clock, ctx.replay),
                                Discovery(cfg, ctx.metadata))
     ctx.routes.add("POST", "/oauth2/token", endpoints.token)
     ctx.routes.add("POST", "/oauth2/introspect", endpoints.introspect)

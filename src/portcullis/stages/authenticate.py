@@ -32,6 +32,7 @@ from portcullis.netutil import TrustedProxies, client_scheme
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.storage.protocols import ApiKeyRecord, KeyStore, RevocationStore
 from portcullis.tls import cert_thumbprint
+from portcullis.traffic.protocols import ReplayCache
 
 log = logging.getLogger("portcullis.keys")
 # A key is 51 characters; anything much longer is refused before any work.
@@ -123,8 +124,12 @@ class AuthenticateStage:
                  clock: Callable[[], float] = time.time, jwt: JwtVerifier | None = None,
                  introspector: Introspector | None = None, trusted: TrustedProxies | None = None,
                  client_cert_header: str | None = None, dpop: DpopVerifier | None = None,
-                 dpop_nonces: DpopNonces | None = None, signatures_enabled: bool = False) -> None:
+                 dpop_nonces: DpopNonces | None = None, signatures_enabled: bool = False,
+                 replay: ReplayCache | None = None) -> None:
         self._signatures_enabled = signatures_enabled
+        # Shared across gateway nodes (Redis): a proof's jti replayed at another node is
+        # refused too. The in-process cache of the verifier stays the first check.
+        self._replay = replay
         self._dpop = dpop
         self._dpop_nonces = dpop_nonces
         self._trusted = trusted
@@ -255,7 +260,7 @@ class AuthenticateStage:
             if not hmac.compare_digest(cert_thumbprint(der), principal.cnf_x5t):
                 return refuse("auth.cert_mismatch", "The credential is not valid.")
         if ex.facts.get("dpop"):
-            problem = self._check_dpop(ex, token, principal)
+            problem = await self._check_dpop(ex, token, principal)
             if problem is not None:
                 return problem
         elif principal.cnf_jkt is not None:
@@ -264,7 +269,7 @@ class AuthenticateStage:
         ex.principal = principal
         return None
 
-    def _check_dpop(self, ex: Exchange, token: bytes, principal: Principal) -> Problem | None:
+    async def _check_dpop(self, ex: Exchange, token: bytes, principal: Principal) -> Problem | None:
         """RFC 9449 §7.1: a DPoP-bound token and a valid proof of its key for this request."""
         assert self._dpop is not None
         if principal.cnf_jkt is None:
@@ -272,10 +277,14 @@ class AuthenticateStage:
                                       "The access token is not DPoP-bound.")
         try:
             proof = proof_from_headers(ex.headers)
-            self._dpop.verify(proof, method=ex.method, url=self._request_url(ex), access_token=token,
-                              expected_jkt=principal.cnf_jkt)
+            result = self._dpop.verify(proof, method=ex.method, url=self._request_url(ex), access_token=token,
+                                       expected_jkt=principal.cnf_jkt)
         except DpopRefusal as refusal:
             return self._dpop_problem(refusal.reason, refusal.error, refusal.detail, refusal.use_dpop_nonce)
+        # RFC 9449 §11.1 across nodes; a cache that cannot answer refuses (fail closed).
+        if self._replay is not None and not await self._replay.first_use(
+                "dpop", f"{result.jkt}|{result.jti}", self._dpop.replay.ttl):
+            return self._dpop_problem("dpop.replay", "invalid_dpop_proof", "The DPoP proof was already used.")
         return None
 
     def _dpop_token_refusal(self, reason: str, detail: str) -> Problem:

@@ -35,6 +35,7 @@ from portcullis.stages.proxy import (
     read_body,
     too_large_problem,
 )
+from portcullis.traffic.protocols import ReplayCache
 
 
 class ResponseSigningConfig(BaseModel):
@@ -93,10 +94,13 @@ class SignatureStage:
     name: ClassVar[str] = "signature"
 
     def __init__(self, cfg: SignaturesConfig, max_body_bytes: int, base: Path | None = None,
-                 trusted: TrustedProxies | None = None) -> None:
+                 trusted: TrustedProxies | None = None, replay: ReplayCache | None = None) -> None:
         self._cfg = cfg
+        # Shared across gateway nodes (Redis): a nonce replayed at another node is refused.
+        self._replay = replay
         self._trusted = trusted
         policy = cfg.policy
+        self._nonce_ttl = float(policy.max_age_seconds + policy.clock_skew_seconds)
         nonces = NonceCache(policy.max_age_seconds + policy.clock_skew_seconds)
         keys = [k.model_copy(update={"public_key_file": str(base / k.public_key_file)})
                 if base is not None and k.public_key_file and not Path(k.public_key_file).is_absolute() else k
@@ -142,6 +146,9 @@ class SignatureStage:
             return self._refuse(refusal.reason, refusal.detail)
         if bound is not None and result.key_id != bound:
             return self._refuse("sig.wrong_key", "This credential's requests must be signed with its own key.")
+        if self._replay is not None and result.nonce is not None and not await self._replay.first_use(
+                "sig", f"{result.key_id}|{result.nonce}", self._nonce_ttl):
+            return self._refuse("sig.replay", "The signature's nonce was already used.")
         ex.facts["signature_key"] = result.key_id
         return None
 
