@@ -67,3 +67,12 @@ def env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> I
     gw.start()
     yield Env(Client(port), keys, ids, loaded.data_dir, gw, mport)
     gw.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_demos() -> Iterator[None]:
+    """Every test: a demo it started (tests.integration.test_demo.start_demo) is gone after it."""
+    yield
+    from tests.integration.test_demo import stop_leftover_demos
+
+    stop_leftover_demos()

@@ -23,10 +23,24 @@ from tests.integration.harness import Client, free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
 def start_demo(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen([sys.executable, "-m", "portcullis", "demo", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "portcullis", "demo", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+    _started.append(proc)
+    return proc
+
+
+def stop_leftover_demos() -> None:
+    """Kill demos a failing test left running (they would hold their ports)."""
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
 
 
 def wait_ready(proc: subprocess.Popen[str], port: int) -> str:
