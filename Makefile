@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 ARGS   ?=
 
-.PHONY: run test lint typecheck unit bench bench-micro bench-oauth lock clean
+.PHONY: run test lint typecheck unit bench bench-micro bench-oauth bench-policy lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-micro: $(VENV)/.installed-test
 # The authorization server against panva's oidc-provider, one run (docs/benchmarks.md).
 bench-oauth: $(VENV)/.installed-test
 	bash scripts/bench/oauth_bench.sh $(ARGS)
+
+# Policy decisions in-process and through the forward-auth endpoint against Cerbos (docs/benchmarks.md).
+bench-policy: $(VENV)/.installed-test
+	bash scripts/bench/policy_bench.sh $(ARGS)
 
 # Re-pin every dependency (run when pyproject.toml changes; needs the registry).
 lock:

@@ -13,6 +13,14 @@ State is parsed once into cedarpy handles (`PolicySet`, `Entities`) and swapped
 atomically: a decision reads the state once, so it runs wholly on the old or wholly on
 the new set. A reload that fails keeps the old state and reports the error.
 
+Speed (an uncached decision is dominated by what Cedar parses and evaluates per call),
+without changing any decision, reason or error: the state records which context keys
+and entity attributes its policies can observe (`attribute_use`) and a decision sends
+Cedar only those; each action is decided on the slice of policies whose action scope can
+hold for it (`build_slice`, Cedar's policy ids kept); ready entity handles (base +
+principal + resource) and trimmed principal JSON are kept in bounded LRUs that belong to
+the state, so a new generation starts empty.
+
 Decisions fail closed: anything but a clean Cedar ``Allow`` with no diagnostics errors
 is a deny.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -28,12 +37,13 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cedarpy
+from cedarpy import pst
 
 from portcullis.exchange import Principal
 from portcullis.policy.config import PolicyConfig
@@ -53,6 +63,19 @@ log = logging.getLogger("portcullis.policy")
 MAX_POLICY_FILE_BYTES = 1024 * 1024
 MAX_POLICY_FILES = 500
 MAX_PRINCIPAL_ENTITIES = 4096
+MAX_PAIR_ENTITIES = 4096  # (principal, resource) entity handles per state
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+# cedarpy's extension module takes the same request, prepared handles and returns the
+# response JSON that `cedarpy.is_authorized` wraps in objects (after routing it through
+# the batch API); calling it directly saves that wrapping per decision. If a cedarpy
+# release moves it, the public API is used (tests check both agree).
+try:
+    from cedarpy import _internal as _cedar_native
+
+    _native_is_authorized: Any = _cedar_native.is_authorized
+except (ImportError, AttributeError):  # pragma: no cover - depends on the cedarpy build
+    _native_is_authorized = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +146,144 @@ class _State:
     info: dict[str, PolicyInfo]  # Cedar's positional id -> where it came from
     fingerprint: tuple[tuple[str, str], ...]  # (file, sha256) of every operator source
     schema_text: str
-    principals: OrderedDict[str, cedarpy.Entities] = field(default_factory=OrderedDict)
+    use: AttributeUse = field(default_factory=lambda: AttributeUse(None, None))
+    # The policies as nodes (None: no slicing by action) and each action's ancestors.
+    nodes: Any = None
+    action_ancestors: dict[str, frozenset[str]] = field(default_factory=dict)
+    slices: dict[str, _Slice] = field(default_factory=dict)  # action id -> its slice (filled lazily)
+    principals: OrderedDict[str, str] = field(default_factory=OrderedDict)  # entity JSON -> trimmed
+    pairs: OrderedDict[tuple[str, str], cedarpy.Entities] = field(default_factory=OrderedDict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    """The policies whose action scope can match one action (Cedar's ids kept), and the
+    context keys they name (None: all)."""
+
+    policies: cedarpy.PolicySet
+    context: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeUse:
+    """What a policy set can observe of a request: ``context`` the context keys (None:
+    the context as a whole is used, send all of it), ``attrs`` every attribute name any
+    policy reads or tests with ``has`` (None: unknown, send every entity attribute).
+
+    An entity attribute is observable only by naming it (``e.a``, ``e has a``), and the
+    context only by naming a key or by using ``context`` itself; so dropping what no
+    policy names changes no decision, reason or error."""
+
+    context: frozenset[str] | None
+    attrs: frozenset[str] | None
+
+
+def attribute_use(policies: cedarpy.PolicySet) -> AttributeUse:
+    """The `AttributeUse` of ``policies`` (templates and links included), read from its
+    parsed form; anything unexpected means "all of it"."""
+    try:
+        root = policies.to_pst()
+    except Exception:  # syntax cedarpy cannot express as nodes: assume everything is used
+        return AttributeUse(None, None)
+    return _use_of(root)
+
+
+def _use_of(root: Any) -> AttributeUse:
+    ctx: set[str] = set()
+    attrs: set[str] = set()
+    whole_context = False
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (pst.GetAttr, pst.HasAttr)):
+            names = (node.attr,) if isinstance(node, pst.GetAttr) else tuple(node.attrs)
+            attrs.update(names)
+            if isinstance(node.base, pst.Var) and node.base.name == "context":
+                ctx.add(names[0])  # `context has a.b` tests key a, then a's field b
+                continue
+            stack.append(node.base)
+        elif isinstance(node, pst.Var):
+            if node.name == "context":
+                whole_context = True  # e.g. `context == {...}`: keep every key
+        elif isinstance(node, (pst.UnaryOp, pst.BinaryOp)) and node.op in ("get_tag", "has_tag"):
+            return AttributeUse(None, None)  # tags are not attributes; stay out of the way
+        elif isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+    return AttributeUse(None if whole_context else frozenset(ctx), frozenset(attrs))
+
+
+def _policy_nodes(policies: cedarpy.PolicySet) -> Any:
+    """The policies as `cedarpy.pst` nodes if they can be sliced by action (static
+    policies only, every one expressible as nodes), else None."""
+    try:
+        root = policies.to_pst()
+    except Exception:
+        return None
+    if root.templates or root.template_links or len(root.static_policies) != len(policies):
+        return None
+    return root
+
+
+def action_ancestors(entities: cedarpy.Entities) -> dict[str, frozenset[str]]:
+    """Every ``Action`` entity's id -> the ids of the actions it is in, transitively (what
+    Cedar's ``action in Action::"g"`` consults), read from the entities' JSON rendering."""
+    parents: dict[str, set[str]] = {}
+    for e in json.loads(str(entities)):
+        if e["uid"]["type"] == "Action":
+            parents[e["uid"]["id"]] = {p["id"] for p in e.get("parents", ()) if p["type"] == "Action"}
+    out: dict[str, frozenset[str]] = {}
+    for a, direct in parents.items():
+        seen: set[str] = set()
+        stack = list(direct)
+        while stack:
+            x = stack.pop()
+            if x not in seen:
+                seen.add(x)
+                stack.extend(parents.get(x, ()))
+        out[a] = frozenset(seen)
+    return out
+
+
+def _scope_may_match(scope: Any, action: str, ancestors: frozenset[str]) -> bool:
+    """Whether a policy's action scope can hold for ``Action::"<action>"`` (unknown shapes: yes)."""
+    def hit(uid: Any) -> bool:
+        return bool(uid.type.basename == "Action" and not uid.type.namespace
+                    and (uid.id == action or uid.id in ancestors))
+    if isinstance(scope, pst.ActionEq):
+        return bool(scope.entity.type.basename == "Action" and not scope.entity.type.namespace
+                    and scope.entity.id == action)
+    if isinstance(scope, pst.ActionIn):
+        return any(hit(u) for u in scope.entities)
+    return True
+
+
+def build_slice(st: _State, action: str) -> _Slice:
+    """The policies of ``st`` that can apply to ``Action::"<action>"``: a policy whose
+    action scope does not hold is neither satisfied nor evaluated by Cedar, so leaving it
+    out changes no decision, reason or error (ids are kept: `from_pst` keeps them)."""
+    if st.nodes is None:
+        return _Slice(st.policies, st.use.context)
+    anc = st.action_ancestors.get(action, frozenset())
+    kept = {pid: pol for pid, pol in st.nodes.static_policies.items() if _scope_may_match(pol.action, action, anc)}
+    if len(kept) == len(st.nodes.static_policies):
+        return _Slice(st.policies, st.use.context)
+    sub = pst.PolicySet(templates={}, static_policies=kept, template_links=())
+    try:
+        return _Slice(cedarpy.PolicySet.from_pst(sub), _use_of(sub).context)
+    except Exception:  # nodes cedarpy cannot turn back into policies: the whole set is always right
+        log.warning("policy slice for action %r failed; using the whole set", action, exc_info=True)
+        return _Slice(st.policies, st.use.context)
+
+
+def _trim_entity(entity: dict[str, Any], attrs: frozenset[str] | None) -> dict[str, Any]:
+    if attrs is None:
+        return entity
+    kept = {k: v for k, v in entity.get("attrs", {}).items() if k in attrs}
+    return {**entity, "attrs": kept}
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,13 +522,28 @@ def build_state(cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path
     problems = list(dict.fromkeys(problems))  # the validator repeats a problem per entity type
     if problems or schema is None or policies is None or base is None or schema_text is None:
         raise PolicyError(problems or [PolicyProblem("policies could not be loaded")])
-    return _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text)
+    nodes = _policy_nodes(policies)
+    return _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text,
+                  _use_of(nodes) if nodes is not None else attribute_use(policies), nodes, action_ancestors(base))
 
 
 def _head(text: str) -> str:
     """The annotations of a statement: its text before the effect keyword."""
     m = re.search(r"\b(permit|forbid)\s*\(", text)
     return text[:m.start()] if m else text
+
+
+def _authorize(request: dict[str, Any], policies: cedarpy.PolicySet,
+               entities: cedarpy.Entities) -> tuple[bool, list[str], list[str]]:
+    """Cedar's (allow, reasons, errors) for one request on prepared handles."""
+    inner = getattr(entities, "_inner", None)
+    if _native_is_authorized is not None and inner is not None:
+        resp = json.loads(_native_is_authorized(request, policies, inner, None, False))
+        diag = resp.get("diagnostics") or {}
+        return resp.get("decision") == "Allow", list(diag.get("reason", ())), list(diag.get("errors", ()))
+    res = cedarpy.is_authorized(request, policies, entities)
+    return (res.decision == cedarpy.Decision.Allow, list(res.diagnostics.reasons),
+            list(res.diagnostics.errors))
 
 
 def _request(inp: DecisionInput) -> dict[str, Any]:
@@ -457,34 +632,61 @@ class PolicyEngine:
     def _evaluate(self, st: _State, inp: DecisionInput) -> Decision:
         try:
             ents = self._entities(st, inp)
-            res = cedarpy.is_authorized(_request(inp), st.policies, ents)
-            diag = res.diagnostics
-            labels = tuple(sorted(st.info[r].label if r in st.info else r for r in diag.reasons))
-            errors = tuple(diag.errors)
-            allowed = res.decision == cedarpy.Decision.Allow and not errors
-            return Decision(allowed, labels, errors, False, st.generation)
+            sl = self._slice(st, inp.action)
+            keys = sl.context
+            ctx = inp.context_json if keys is None else _dumps(
+                {k: v for k, v in inp.context.items() if k in keys})
+            request = {"principal": inp.principal, "action": inp.action, "resource": inp.resource,
+                       "context": ctx}
+            allowed, reasons, errs = _authorize(request, sl.policies, ents)
+            labels = tuple(sorted(st.info[r].label if r in st.info else r for r in reasons))
+            errors = tuple(errs)
+            return Decision(allowed and not errors, labels, errors, False, st.generation)
         except Exception as exc:  # fail closed on anything the engine throws
             log.warning("policy engine error: %s: %s", type(exc).__name__, exc)
             return Decision(False, (), (f"engine error: {type(exc).__name__}: {exc}",), False, st.generation)
 
+    @staticmethod
+    def _slice(st: _State, action: dict[str, str]) -> _Slice:
+        """The slice of ``st`` for ``action``, built on first use (one per action of the
+        schema; anything else gets the whole set)."""
+        aid = action.get("id", "")
+        sl = st.slices.get(aid) if action.get("type") == "Action" else None
+        if sl is None:
+            if action.get("type") != "Action" or aid not in st.action_ancestors:
+                return _Slice(st.policies, st.use.context)  # not a schema action: the whole set
+            sl = build_slice(st, aid)
+            st.slices[aid] = sl  # bounded by the schema's actions; a racing thread builds the same
+        return sl
+
     def _entities(self, st: _State, inp: DecisionInput) -> cedarpy.Entities:
-        # The principal (with its roles) repeats across requests: keep base+principal
-        # handles in a small LRU and add only the resource per request.
-        pjson = json.dumps([inp.entities[0]], separators=(",", ":"))
+        """Base + the input's entities as a handle, with only the attributes the policies
+        name. Per state, bounded LRUs keep the handle per (principal, rest) and the trimmed
+        JSON per principal (adding one or two entities to the base costs the same, so a
+        handle per principal alone would not save anything)."""
+        ejs = inp.entity_jsons or tuple(_dumps(e) for e in inp.entities)
+        pjson = ejs[0]
+        pair_key = (pjson, ",".join(ejs[1:]))
+        attrs = st.use.attrs
         with self._lock:
-            handle = st.principals.get(pjson)
+            handle = st.pairs.get(pair_key)
             if handle is not None:
-                st.principals.move_to_end(pjson)
-        if handle is None:
-            handle = st.base.with_added_json_str(pjson)
+                st.pairs.move_to_end(pair_key)
+                return handle
+            trimmed = st.principals.get(pjson)
+        if trimmed is None:
+            trimmed = _dumps(_trim_entity(inp.entities[0], attrs))
             with self._lock:
-                st.principals[pjson] = handle
+                st.principals[pjson] = trimmed
                 while len(st.principals) > MAX_PRINCIPAL_ENTITIES:
                     st.principals.popitem(last=False)
-        rest = inp.entities[1:]
-        if not rest:
-            return handle
-        return handle.with_added_json_str(json.dumps(list(rest), separators=(",", ":")))
+        delta = "[" + ",".join([trimmed, *(_dumps(_trim_entity(e, attrs)) for e in inp.entities[1:])]) + "]"
+        handle = st.base.with_added_json_str(delta)
+        with self._lock:
+            st.pairs[pair_key] = handle
+            while len(st.pairs) > MAX_PAIR_ENTITIES:
+                st.pairs.popitem(last=False)
+        return handle
 
     def clear_cache(self) -> None:
         """Drop cached decisions (an entity outside the input changed)."""
@@ -570,8 +772,19 @@ def decision_facts(d: Decision) -> dict[str, Any]:
 
 
 __all__ = [
-    "Decision", "DecisionInput", "PolicyEngine", "PolicyError", "PolicyInfo", "PolicyProblem",
-    "ReloadOutcome", "build_state", "decision_facts", "schema_actions", "split_statements",
+    "AttributeUse",
+    "Decision",
+    "DecisionInput",
+    "PolicyEngine",
+    "PolicyError",
+    "PolicyInfo",
+    "PolicyProblem",
+    "ReloadOutcome",
+    "attribute_use",
+    "build_state",
+    "decision_facts",
+    "schema_actions",
+    "split_statements",
 ]
 
 

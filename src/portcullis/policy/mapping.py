@@ -47,6 +47,7 @@ import ipaddress
 import json
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,9 @@ ACR_PHISHING_RESISTANT = "urn:portcullis:acr:phr"
 LIBRARY_DIR = Path(__file__).parent / "library"
 BASE_SCHEMA = LIBRARY_DIR / "portcullis.cedarschema"
 _LABELS = {v: k for k, v in SENSITIVITY_LEVELS.items()}
+# `json.dumps(x, separators=(",", ":"))` without building an encoder per call: same output.
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+MEMO_SIZE = 4096  # bound of each per-mapper memo (principals, client addresses)
 
 
 class RouteLike(Protocol):
@@ -91,8 +95,11 @@ class RouteLike(Protocol):
 class DecisionInput:
     """One Cedar request and the per-request entities (principal, resource).
 
-    ``entities_json`` and ``context_json`` are what Cedar parses; ``key`` is the whole
-    input as one string (the decision cache key, together with the engine generation).
+    ``entities_json`` and ``context_json`` are the whole entities and context as JSON;
+    ``entity_jsons`` is each entity of ``entities`` as JSON (same order); ``key`` is the
+    whole input as one string (the decision cache key, together with the engine
+    generation). Treat the dicts as read-only: the mapping may share a principal's entity
+    between inputs.
     """
 
     principal: dict[str, str]
@@ -103,16 +110,22 @@ class DecisionInput:
     entities_json: str
     context_json: str
     key: str
+    entity_jsons: tuple[str, ...] = ()
 
     @staticmethod
     def make(principal: dict[str, str], action: dict[str, str], resource: dict[str, str],
-             context: dict[str, Any], entities: Sequence[dict[str, Any]]) -> DecisionInput:
-        """Serialize once; the key covers every field."""
-        ents = json.dumps(list(entities), separators=(",", ":"))
-        ctx = json.dumps(context, separators=(",", ":"))
+             context: dict[str, Any], entities: Sequence[dict[str, Any]], *,
+             entity_jsons: Sequence[str] | None = None) -> DecisionInput:
+        """Serialize once; the key covers every field. ``entity_jsons``, if given, must be
+        the compact JSON of each of ``entities`` (the mapping passes memoized ones)."""
+        ejs = tuple(entity_jsons) if entity_jsons is not None else tuple(_dumps(e) for e in entities)
+        if len(ejs) != len(entities):
+            raise ValueError("entity_jsons must match entities")
+        ents = "[" + ",".join(ejs) + "]"  # == compact json.dumps(list(entities))
+        ctx = _dumps(context)
         key = "\x00".join((ents, action["id"], resource["type"], resource["id"], principal["type"],
                            principal["id"], ctx))
-        return DecisionInput(principal, action, resource, context, tuple(entities), ents, ctx, key)
+        return DecisionInput(principal, action, resource, context, tuple(entities), ents, ctx, key, ejs)
 
     def describe(self) -> str:
         """``User::"acme/alice" -> Action::"get" -> Project::"p1"`` for messages."""
@@ -172,6 +185,12 @@ class RequestMapper:
         for group, members in cfg.action_groups.items():
             for m in members:
                 self._groups.setdefault(m, []).append(group)
+        # Memos of pure functions of the config and their arguments (bounded; a config
+        # change builds a new mapper, so they never outlive what they were derived from).
+        self._memo_lock = threading.Lock()
+        self._principals: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any], str]] = {}
+        self._nets: dict[str, tuple[str, ...]] = {}
+        self._minute: tuple[int, int, int, int, bool] | None = None  # (utc minute, hour, minute, weekday, bh)
 
     # -- entities that do not change per request ---------------------------------
 
@@ -208,34 +227,14 @@ class RequestMapper:
         """The decision input for one request. ``extra_roles`` are roles granted outside
         the credential (just-in-time grants); ``owner`` is the owner source's answer."""
         p = principal
-        # Principal and roles.
-        direct: list[str] = []
-        for name in (*sorted(p.roles), *extra_roles):
-            uid = self.role_uid(p.tenant, name)
-            if uid is not None and uid not in direct:
-                direct.append(uid)
-        held: set[str] = set()
-        levels: list[int] = []
-        for uid in direct:
-            closure = self._closure.get(uid)
-            if closure is None:
-                held.add(uid)
-                continue
-            held |= closure[0]
-            if closure[1] is not None:
-                levels.append(closure[1])
-        clearance = max(levels) if levels else self._default_clearance
-        ptype = principal_type(p)
-        pid = f"{p.tenant}/{p.subject}"
-        pattrs: dict[str, Any] = {
-            "subject": p.subject, "tenant": p.tenant, "credential_kind": p.credential_kind,
-            "scopes": sorted(p.scopes), "roles": sorted(held),
-            "clearance": clearance, "clearance_label": _LABELS[clearance],
-        }
-        if p.client_id is not None:
-            pattrs["client_id"] = p.client_id
-        puid = {"type": ptype, "id": pid}
-        principal_entity = {"uid": puid, "attrs": pattrs, "parents": [{"type": "Role", "id": u} for u in direct]}
+        extra = tuple(extra_roles)
+        pkey = (p.tenant, p.subject, p.credential_kind, p.client_id, p.scopes, p.roles, extra,
+                principal_type(p))
+        cached = self._principals.get(pkey)
+        if cached is None:
+            cached = self._principal_entity(p, extra)
+            self._remember(self._principals, pkey, cached)
+        puid, principal_entity, pjson = cached
 
         # Resource.
         res_cfg: ResourceConfig | None = self.cfg.resources.get(route)
@@ -263,9 +262,7 @@ class RequestMapper:
         resource_entity = {"uid": ruid, "attrs": rattrs, "parents": []}
 
         # Context.
-        local = datetime.fromtimestamp(now, self._tz)
-        minute_of_day = local.hour * 60 + local.minute
-        weekday = local.isoweekday()
+        hour, minute, weekday, business_hours = self._clock(now)
         amr = sorted(set(p.amr))
         acr = p.acr or ""
         mfa = acr in (ACR_MFA, ACR_PHISHING_RESISTANT) or "mfa" in amr
@@ -274,8 +271,8 @@ class RequestMapper:
         m = method.upper()
         ctx: dict[str, Any] = {
             "method": m, "write": m not in SAFE_METHODS,
-            "hour": local.hour, "minute": local.minute, "weekday": weekday,
-            "business_hours": weekday in self._days and self._start <= minute_of_day < self._end,
+            "hour": hour, "minute": minute, "weekday": weekday,
+            "business_hours": business_hours,
             "client_ip": client_ip, "networks": self.networks_of(client_ip),
             "acr": acr, "amr": amr, "mfa": mfa, "phishing_resistant": phr,
             "dpop_bound": p.cnf_jkt is not None, "mtls_bound": p.cnf_x5t is not None,
@@ -286,15 +283,76 @@ class RequestMapper:
         if p.auth_time is not None:
             ctx["auth_age_minutes"] = max(0, math.floor((now - p.auth_time) / 60))
         return DecisionInput.make(puid, {"type": "Action", "id": route}, ruid, ctx,
-                                  (principal_entity, resource_entity))
+                                  (principal_entity, resource_entity),
+                                  entity_jsons=(pjson, _dumps(resource_entity)))
+
+    def _principal_entity(self, p: Principal, extra_roles: tuple[str, ...]
+                          ) -> tuple[dict[str, str], dict[str, Any], str]:
+        """The principal's uid, entity and entity JSON (a function of the fields `build` keys
+        its memo by)."""
+        direct: list[str] = []
+        for name in (*sorted(p.roles), *extra_roles):
+            uid = self.role_uid(p.tenant, name)
+            if uid is not None and uid not in direct:
+                direct.append(uid)
+        held: set[str] = set()
+        levels: list[int] = []
+        for uid in direct:
+            closure = self._closure.get(uid)
+            if closure is None:
+                held.add(uid)
+                continue
+            held |= closure[0]
+            if closure[1] is not None:
+                levels.append(closure[1])
+        clearance = max(levels) if levels else self._default_clearance
+        pattrs: dict[str, Any] = {
+            "subject": p.subject, "tenant": p.tenant, "credential_kind": p.credential_kind,
+            "scopes": sorted(p.scopes), "roles": sorted(held),
+            "clearance": clearance, "clearance_label": _LABELS[clearance],
+        }
+        if p.client_id is not None:
+            pattrs["client_id"] = p.client_id
+        puid = {"type": principal_type(p), "id": f"{p.tenant}/{p.subject}"}
+        entity = {"uid": puid, "attrs": pattrs, "parents": [{"type": "Role", "id": u} for u in direct]}
+        return puid, entity, _dumps(entity)
+
+    def _clock(self, now: float) -> tuple[int, int, int, bool]:
+        """(hour, minute, weekday, business_hours) at ``now`` in the business-hours zone,
+        memoized for the current UTC minute when the zone's offset is whole minutes all
+        through it (then every instant of the minute has the same local fields)."""
+        utc_minute = math.floor(now / 60)
+        memo = self._minute
+        if memo is not None and memo[0] == utc_minute:
+            return memo[1], memo[2], memo[3], memo[4]
+        local = datetime.fromtimestamp(now, self._tz)
+        minute_of_day = local.hour * 60 + local.minute
+        weekday = local.isoweekday()
+        bh = weekday in self._days and self._start <= minute_of_day < self._end
+        first = datetime.fromtimestamp(utc_minute * 60, self._tz).utcoffset()
+        last = datetime.fromtimestamp(utc_minute * 60 + 59.999, self._tz).utcoffset()
+        if first is not None and first == last and first.total_seconds() % 60 == 0:
+            self._minute = (utc_minute, local.hour, local.minute, weekday, bh)  # one atomic store
+        return local.hour, local.minute, weekday, bh
+
+    def _remember(self, memo: dict[Any, Any], key: Any, value: Any) -> None:
+        with self._memo_lock:
+            memo[key] = value
+            while len(memo) > MEMO_SIZE:
+                del memo[next(iter(memo))]  # oldest insertion first
 
     def networks_of(self, client_ip: str) -> list[str]:
         """Names of the configured networks containing ``client_ip`` (none if unparsable)."""
-        try:
-            ip = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return []
-        return [name for name, nets in self._networks if any(ip in n for n in nets)]
+        hit = self._nets.get(client_ip)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(client_ip)
+            except ValueError:
+                hit = ()
+            else:
+                hit = tuple(name for name, nets in self._networks if any(ip in n for n in nets))
+            self._remember(self._nets, client_ip, hit)
+        return list(hit)
 
     def groups_of(self, route: str) -> list[str]:
         """The action groups a route belongs to."""
