@@ -246,9 +246,11 @@ def audit_tail(
     """Print the newest audit events."""
     from portcullis.audit.verify import format_event
     from portcullis.gateway import DataPaths, open_audit_store
+    from portcullis.storage.engine import storage_for
 
     d = _data_dir(config, data_dir)
-    if not DataPaths(d).audit_db.exists():
+    # A directory bound to a shared database (`storage.url`) has no SQLite audit file.
+    if storage_for(d).url is None and not DataPaths(d).audit_db.exists():
         raise fail(f"{d}: no audit log here")
     store = open_audit_store(d, writable=False)
     try:
@@ -272,9 +274,11 @@ def audit_verify(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Check the hash chain and signed checkpoints; exits 1 on any tampering."""
     from portcullis.audit.verify import verify
     from portcullis.gateway import DataPaths, open_audit_store
+    from portcullis.storage.engine import storage_for
 
     d = _data_dir(config, data_dir)
-    if not DataPaths(d).audit_db.exists():
+    # A directory bound to a shared database (`storage.url`) has no SQLite audit file.
+    if storage_for(d).url is None and not DataPaths(d).audit_db.exists():
         raise fail(f"{d}: no audit log here")
     store = open_audit_store(d, writable=False)
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from portcullis.audit.events import AuditEvent
 from portcullis.credentials import apikeys
 from portcullis.gateway import DataPaths, SecretsError, open_audit_store, open_key_store
+from portcullis.storage.engine import storage_for
 from portcullis.storage.protocols import (
     ApiKeyRecord,
     KeyExistsError,
@@ -30,7 +31,8 @@ def _admin_event(data_dir: Path, action: str, key_id: str, tenant: str, extra: d
 
 
 def _require_key_store(data_dir: Path) -> None:
-    if not DataPaths(data_dir).keys_db.exists():
+    # A directory bound to a shared database (`storage.url`) has no SQLite key file.
+    if storage_for(data_dir).url is None and not DataPaths(data_dir).keys_db.exists():
         raise SecretsError(f"{data_dir}: no key store here (is this the gateway's data directory?)")
 
 

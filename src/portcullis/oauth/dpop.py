@@ -24,7 +24,7 @@ from portcullis.oauth.http import AsResponse, oauth_error
 from portcullis.oauth.server import OAuthRequest
 from portcullis.secretfile import create_once
 from portcullis.tls import cert_thumbprint
-from portcullis.traffic.protocols import ReplayCache
+from portcullis.traffic.protocols import BackendUnavailable, ReplayCache
 
 NONCE_KEY_FILE = "as-dpop-nonce-key"
 #: The algorithms we accept in proofs (published as dpop_signing_alg_values_supported).
@@ -86,8 +86,13 @@ class TokenEndpointDpop:
         refused = self.check(request)
         if refused is not None or request.dpop_jkt is None or self._replay is None:
             return refused
-        if not await self._replay.first_use("dpop-as", f"{request.dpop_jkt}|{request.dpop_jti}",
-                                            self.verifier.replay.ttl):
+        try:
+            fresh = await self._replay.first_use("dpop-as", f"{request.dpop_jkt}|{request.dpop_jti}",
+                                                 self.verifier.replay.ttl)
+        except BackendUnavailable:  # fail closed, as a retryable 503 rather than a 500
+            return oauth_error("temporarily_unavailable", "DPoP proofs cannot be checked right now; retry shortly.",
+                               503, reason="oauth.dpop.replay_unavailable", headers=[("retry-after", "1")])
+        if not fresh:
             request.as_request.audit["dpop"] = "dpop.replay"
             return oauth_error("invalid_dpop_proof", "The DPoP proof is not valid.", reason="oauth.dpop.replay")
         return None

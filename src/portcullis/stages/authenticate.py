@@ -32,7 +32,7 @@ from portcullis.netutil import TrustedProxies, client_scheme
 from portcullis.problems import Problem, bearer_challenge
 from portcullis.storage.protocols import ApiKeyRecord, KeyStore, RevocationStore
 from portcullis.tls import cert_thumbprint
-from portcullis.traffic.protocols import ReplayCache
+from portcullis.traffic.protocols import BackendUnavailable, ReplayCache
 
 log = logging.getLogger("portcullis.keys")
 # A key is 51 characters; anything much longer is refused before any work.
@@ -281,9 +281,16 @@ class AuthenticateStage:
                                        expected_jkt=principal.cnf_jkt)
         except DpopRefusal as refusal:
             return self._dpop_problem(refusal.reason, refusal.error, refusal.detail, refusal.use_dpop_nonce)
-        # RFC 9449 §11.1 across nodes; a cache that cannot answer refuses (fail closed).
-        if self._replay is not None and not await self._replay.first_use(
-                "dpop", f"{result.jkt}|{result.jti}", self._dpop.replay.ttl):
+        # RFC 9449 §11.1 across nodes; a cache that cannot answer refuses (fail closed):
+        # 503 and retry, since the proof itself may be fine (not a 500 "internal error").
+        try:
+            fresh = self._replay is None or await self._replay.first_use(
+                "dpop", f"{result.jkt}|{result.jti}", self._dpop.replay.ttl)
+        except BackendUnavailable:
+            return Problem(503, "service-unavailable", "dpop.replay_unavailable",
+                           "DPoP proofs cannot be checked right now; retry shortly.",
+                           headers=[(b"retry-after", b"1")])
+        if not fresh:
             return self._dpop_problem("dpop.replay", "invalid_dpop_proof", "The DPoP proof was already used.")
         return None
 

@@ -35,7 +35,7 @@ from portcullis.stages.proxy import (
     read_body,
     too_large_problem,
 )
-from portcullis.traffic.protocols import ReplayCache
+from portcullis.traffic.protocols import BackendUnavailable, ReplayCache
 
 
 class ResponseSigningConfig(BaseModel):
@@ -146,8 +146,14 @@ class SignatureStage:
             return self._refuse(refusal.reason, refusal.detail)
         if bound is not None and result.key_id != bound:
             return self._refuse("sig.wrong_key", "This credential's requests must be signed with its own key.")
-        if self._replay is not None and result.nonce is not None and not await self._replay.first_use(
-                "sig", f"{result.key_id}|{result.nonce}", self._nonce_ttl):
+        try:
+            fresh = self._replay is None or result.nonce is None or await self._replay.first_use(
+                "sig", f"{result.key_id}|{result.nonce}", self._nonce_ttl)
+        except BackendUnavailable:  # fail closed, as a retryable 503 rather than a 500
+            return Problem(503, "service-unavailable", "sig.replay_unavailable",
+                           "Request signatures cannot be checked right now; retry shortly.",
+                           headers=[(b"retry-after", b"1")])
+        if not fresh:
             return self._refuse("sig.replay", "The signature's nonce was already used.")
         ex.facts["signature_key"] = result.key_id
         return None
