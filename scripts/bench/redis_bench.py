@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--keys", type=int, default=2, help="limits checked per decision (1 = credential only)")
     ap.add_argument("--max-batch", type=int, default=128, help="requests per script call (1 = no pipelining)")
-    ap.add_argument("--max-inflight", type=int, default=4, help="script calls in flight at once")
+    ap.add_argument("--max-inflight", type=int, default=2, help="script calls in flight at once")
     ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--no-uvloop", action="store_true")
     args = ap.parse_args()
