@@ -267,14 +267,14 @@ class ClientAuthenticator:
                 conn.execute(assertion_jtis.insert().values(client_id=client_id, jti=jti, expires_at=expires_at))
         except IntegrityError:
             with self._db.begin() as conn:
-                # An entry past its expiry may linger until the next purge: it no longer counts.
-                row = conn.execute(sa.select(assertion_jtis.c.expires_at).where(
-                    (assertion_jtis.c.client_id == client_id) & (assertion_jtis.c.jti == jti))).first()
-                if row is not None and float(row.expires_at) >= now:
-                    return False
-                conn.execute(assertion_jtis.update().where(
+                # An entry past its expiry may linger until the next purge: it no longer
+                # counts. Reclaimed with one conditional UPDATE so that of two concurrent
+                # requests with the same assertion exactly one wins (on any database).
+                n = conn.execute(assertion_jtis.update().where(
                     (assertion_jtis.c.client_id == client_id) & (assertion_jtis.c.jti == jti)
-                ).values(expires_at=expires_at))
+                    & (assertion_jtis.c.expires_at < now)
+                ).values(expires_at=expires_at)).rowcount
+            return n == 1
         return True
 
     # --- RFC 8705 §2 ---

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from portcullis.oauth import db
 from portcullis.oauth.http import FORM, AsRequest, AsResponse, html_response, redirect
@@ -121,8 +122,18 @@ class Consents:
 
     def grant(self, user_id: str, client_id: str, scopes: list[str]) -> None:
         """Remember consent to `scopes` (added to what was granted before)."""
+        try:
+            self._grant(user_id, client_id, scopes)
+        except IntegrityError:
+            # A concurrent first grant inserted the row between our UPDATE and INSERT;
+            # now the row exists, so the UPDATE locks it and the scopes are merged.
+            self._grant(user_id, client_id, scopes)
+
+    def _grant(self, user_id: str, client_id: str, scopes: list[str]) -> None:
         now = self._clock()
         with self._db.begin() as conn:
+            # The UPDATE first: it locks an existing row (PostgreSQL) or takes SQLite's
+            # write lock, so the read-merge-write below cannot lose a concurrent grant.
             n = conn.execute(consents.update().where(
                 (consents.c.user_id == user_id) & (consents.c.client_id == client_id)).values(granted_at=now)).rowcount
             r = conn.execute(sa.select(consents.c.scopes).where(

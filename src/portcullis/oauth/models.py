@@ -218,14 +218,19 @@ class ClientDirectory:
     def create_tenant(self, name: str, mfa_policy: MfaPolicy | None = None) -> bool:
         """Create a tenant (MFA policy "optional" unless given), or change an existing
         tenant's policy when one is given; True if it was new."""
+        if not name or len(name) > 100:  # the column's length (PostgreSQL enforces it)
+            raise ValueError("a tenant name is 1-100 characters")
         with self._db.begin() as conn:
+            # The revision bump first: it locks the one revision row (PostgreSQL) or takes
+            # SQLite's write lock, so concurrent creations run one after the other and the
+            # read below sees the other's tenant (no duplicate-key error).
+            self._db.bump(conn)
             exists = conn.execute(sa.select(db.tenants.c.name).where(db.tenants.c.name == name)).first()
             if exists and mfa_policy is not None:
                 conn.execute(db.tenants.update().where(db.tenants.c.name == name).values(mfa_policy=mfa_policy))
             elif not exists:
                 conn.execute(db.tenants.insert().values(name=name, mfa_policy=mfa_policy or "optional",
                                                         created_at=time.time()))
-            self._db.bump(conn)
         self.invalidate()
         return not exists
 
@@ -257,9 +262,15 @@ class ClientDirectory:
             raise ValueError("tls_client_auth needs the certificate subject DN")
         if self.tenant_policy(tenant) is None:
             raise ValueError(f"no tenant {tenant!r}")
+        # The columns' lengths (PostgreSQL enforces them; SQLite would store anything).
+        if not name or len(name) > 200:
+            raise ValueError("a client name is 1-200 characters")
+        if client_id is not None and not 0 < len(client_id) <= 64:
+            raise ValueError("a client_id is 1-64 characters")
         secret = new_client_secret() if auth_method in ("client_secret_basic", "client_secret_post") else None
         cid = client_id or new_client_id()
         with self._db.begin() as conn:
+            self._db.bump(conn)  # first: serializes concurrent registrations (see create_tenant)
             if conn.execute(sa.select(db.clients.c.client_id).where(
                     (db.clients.c.name == name) | (db.clients.c.client_id == cid))).first():
                 raise ClientExistsError(name)
@@ -270,7 +281,6 @@ class ClientDirectory:
                 scopes=db.dumps(scopes), jwks=jwks, tls_subject_dn=tls_subject_dn, require_par=require_par,
                 require_dpop=require_dpop, first_party=first_party, created_at=time.time(),
             ))
-            self._db.bump(conn)
         self.invalidate()
         client = self.get(cid)
         assert client is not None

@@ -210,8 +210,13 @@ class Grants:
             if refresh_token is not None:
                 conn.execute(refresh_tokens.insert().values(token_hash=self.hash(refresh_token),
                                                             authorization_id=family_id, scope=scope, created_at=now))
+            # Locked read (PostgreSQL: FOR NO KEY UPDATE; SQLite holds the write lock
+            # already): a concurrent `revoke` either committed first (we see revoked_at
+            # and revoke the new token below) or waits for this commit (its read of
+            # issued_tokens then sees the jti). An unlocked read under READ COMMITTED
+            # could miss both ways and leave the new access token live.
             revoked = conn.execute(sa.select(authorizations.c.revoked_at, authorizations.c.revoked_reason).where(
-                authorizations.c.id == family_id)).first()
+                authorizations.c.id == family_id).with_for_update(key_share=True)).first()
         if revoked is not None and revoked.revoked_at is not None and facts is not None:
             self._revoke_jtis([facts], now, revoked.revoked_reason or "oauth.grant_revoked")
 

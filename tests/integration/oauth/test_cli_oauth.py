@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from portcullis.gateway import open_audit_store
+from tests.integration.oauth.conftest import oauth_storage
 from tests.integration.test_process import cli
 
 
 @pytest.fixture
-def cfg(tmp_path: Path) -> Path:
+def cfg(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "gw.yaml"
-    path.write_text("""
+    with oauth_storage() as storage:
+        path.write_text("""
 data_dir: ./data
 server: {listen: {port: 18080}, metrics: null}
 auth_server: {issuer: "http://127.0.0.1:18080"}
 upstreams: {api: {url: "http://127.0.0.1:9"}}
 routes:
   - {name: r, path: "/v1/x", methods: [GET], upstream: api, auth: [jwt], scopes: [s]}
-""")
-    return path
+""" + (f"storage: {json.dumps(storage)}\n" if storage is not None else ""))
+        yield path
 
 
 def ok(*args: str) -> str:

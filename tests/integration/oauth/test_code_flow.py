@@ -39,6 +39,7 @@ from portcullis.oauth.identity import identity_of
 from portcullis.oauth.models import Client
 from portcullis.oauth.service import AuthContext
 from tests.integration.harness import GatewayThread, free_port, write_config
+from tests.integration.oauth.conftest import oauth_storage
 
 # oauthlib refuses http:// unless told; the test gateway listens on loopback without TLS.
 os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"
@@ -99,8 +100,16 @@ class FlowEnv:
         self.ctx.clock = time.time
 
 
-def make_flow_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowEnv]:
-    """A gateway whose routes accept the issuer's tokens, with step-up routes (shared)."""
+def make_flow_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory, *,
+                  on_postgres: bool | None = None) -> Iterator[FlowEnv]:
+    """A gateway whose routes accept the issuer's tokens, with step-up routes (shared).
+    Its stores are on PostgreSQL when `on_postgres` (None: as `oauth_storage` decides)."""
+    with oauth_storage(on_postgres) as storage:
+        yield from _flow_env(upstream, tmp_path_factory, storage)
+
+
+def _flow_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory,
+              storage: dict[str, Any] | None) -> Iterator[FlowEnv]:
     data_dir = tmp_path_factory.mktemp("flow")
     port, mport = free_port(), free_port()
     issuer = f"http://127.0.0.1:{port}"
@@ -115,16 +124,20 @@ def make_flow_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFac
                           "upstream": "demo-api", "upstream_path": "/v1/tenants/{tenant}/projects",
                           "auth": ["jwt"], "scopes": ["projects:read"], "tenant_param": "tenant",
                           "max_auth_age_seconds": 60})
+    if storage is not None:
+        doc["storage"] = storage
     loaded = write_config(data_dir, doc)
     gw = GatewayThread(loaded)
     gw.start()
-    auth = gw.gw.auth_server
-    assert auth is not None
-    auth.ctx.clients.create_tenant("acme")
-    env = FlowEnv(port, issuer, loaded.data_dir, gw, auth.ctx)
-    yield env
-    env.restore_clock()
-    gw.stop()
+    try:
+        auth = gw.gw.auth_server
+        assert auth is not None
+        auth.ctx.clients.create_tenant("acme")
+        env = FlowEnv(port, issuer, loaded.data_dir, gw, auth.ctx)
+        yield env
+        env.restore_clock()
+    finally:
+        gw.stop()
 
 
 @pytest.fixture(scope="module")

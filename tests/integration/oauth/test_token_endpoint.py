@@ -39,6 +39,7 @@ from portcullis.oauth.models import Client
 from portcullis.oauth.service import AuthContext
 from portcullis.tls import cert_thumbprint
 from tests.integration.harness import GatewayThread, find_audit_event, free_port, write_config
+from tests.integration.oauth.conftest import oauth_storage
 from tests.integration.test_mtls import Pki, write_pki
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -113,7 +114,8 @@ def self_signed(cn: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
     return cert.public_bytes(serialization.Encoding.PEM), key
 
 
-def start_env(upstream: UpstreamThread, d: Path, **as_cfg: Any) -> TokEnv:
+def start_env(upstream: UpstreamThread, d: Path, *, storage: dict[str, Any] | None = None, **as_cfg: Any) -> TokEnv:
+    """A gateway with the authorization server; its stores in `storage` (conftest.oauth_storage) if given."""
     port, mport = free_port(), free_port()
     issuer = f"http://127.0.0.1:{port}"
     doc = demo_config(upstream.url, port, mport)
@@ -123,6 +125,8 @@ def start_env(upstream: UpstreamThread, d: Path, **as_cfg: Any) -> TokEnv:
     for r in doc["routes"]:
         if not r.get("public"):
             r["auth"] = ["api_key", "jwt"]
+    if storage is not None:
+        doc["storage"] = storage
     gw = GatewayThread(write_config(d, doc))
     gw.start()
     auth = gw.gw.auth_server
@@ -148,15 +152,24 @@ def register(env: TokEnv, name: str, method: str, *, tenant: str = "acme", scope
 
 @pytest.fixture(scope="module")
 def tok_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokEnv]:
-    env = start_env(upstream, tmp_path_factory.mktemp("tok"))
-    register(env, "basic", "client_secret_basic")
-    register(env, "post", "client_secret_post")
-    register(env, "pkjwt", "private_key_jwt")
-    register(env, "tls", "tls_client_auth", tls_subject_dn="CN=alice")
-    register(env, "globex", "client_secret_basic", tenant="globex", scopes=["projects:read"])
-    register(env, "dpop-only", "client_secret_basic", require_dpop=True)
-    yield env
-    env.gateway.stop()
+    yield from make_tok_env(upstream, tmp_path_factory)
+
+
+def make_tok_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory, *,
+                 on_postgres: bool | None = None) -> Iterator[TokEnv]:
+    """`tok_env`'s body (on PostgreSQL when `on_postgres`; None: as `oauth_storage` decides)."""
+    with oauth_storage(on_postgres) as storage:
+        env = start_env(upstream, tmp_path_factory.mktemp("tok"), storage=storage)
+        try:
+            register(env, "basic", "client_secret_basic")
+            register(env, "post", "client_secret_post")
+            register(env, "pkjwt", "private_key_jwt")
+            register(env, "tls", "tls_client_auth", tls_subject_dn="CN=alice")
+            register(env, "globex", "client_secret_basic", tenant="globex", scopes=["projects:read"])
+            register(env, "dpop-only", "client_secret_basic", require_dpop=True)
+            yield env
+        finally:
+            env.gateway.stop()
 
 
 def basic(env: TokEnv, name: str = "basic") -> ClientSecretBasic:
@@ -473,10 +486,13 @@ def test_client_that_must_use_dpop(tok_env: TokEnv) -> None:
 
 @pytest.fixture(scope="module")
 def nonce_env(upstream: UpstreamThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokEnv]:
-    env = start_env(upstream, tmp_path_factory.mktemp("nonce"), dpop_nonce_required=True)
-    register(env, "basic", "client_secret_basic")
-    yield env
-    env.gateway.stop()
+    with oauth_storage() as storage:
+        env = start_env(upstream, tmp_path_factory.mktemp("nonce"), storage=storage, dpop_nonce_required=True)
+        try:
+            register(env, "basic", "client_secret_basic")
+            yield env
+        finally:
+            env.gateway.stop()
 
 
 def test_dpop_nonce_challenge(nonce_env: TokEnv) -> None:

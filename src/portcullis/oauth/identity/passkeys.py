@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from webauthn import (
     generate_authentication_options,
     generate_registration_options,
@@ -113,9 +114,11 @@ class Passkeys:
         c = tables.webauthn_challenges
         with self._db.begin() as conn:
             row = conn.execute(sa.select(c).where(c.c.binding == b)).first()
-            if row is None:
+            # Whoever deletes the row owns the challenge: two concurrent requests may both
+            # read it (PostgreSQL, READ COMMITTED), but only one DELETE removes it.
+            if row is None or conn.execute(c.delete().where(
+                    (c.c.binding == b) & (c.c.challenge == row.challenge))).rowcount != 1:
                 raise PasskeyError("passkey.no_challenge", "Start again: the passkey request expired.")
-            conn.execute(c.delete().where(c.c.binding == b))
         if row.expires_at <= self._clock():
             raise PasskeyError("passkey.challenge_expired", "Start again: the passkey request expired.")
         return bytes(row.challenge), row.user_id
@@ -152,15 +155,19 @@ class Passkeys:
         now = self._clock()
         transports = credential.get("response", {}).get("transports") if isinstance(credential, dict) else None
         p = tables.passkeys
-        with self._db.begin() as conn:
-            if conn.execute(sa.select(p.c.user_id).where(p.c.credential_id == cid)).first():
-                raise PasskeyError("passkey.exists", "This passkey is already registered.")
-            conn.execute(p.insert().values(
-                credential_id=cid, user_id=user_id, public_key=verified.credential_public_key,
-                sign_count=verified.sign_count, name=(name.strip() or "Passkey")[:100],
-                transports=json.dumps([t for t in transports if isinstance(t, str)][:10]
-                                      if isinstance(transports, list) else []),
-                created_at=now))
+        try:
+            with self._db.begin() as conn:
+                if conn.execute(sa.select(p.c.user_id).where(p.c.credential_id == cid)).first():
+                    raise PasskeyError("passkey.exists", "This passkey is already registered.")
+                conn.execute(p.insert().values(
+                    credential_id=cid, user_id=user_id, public_key=verified.credential_public_key,
+                    sign_count=verified.sign_count, name=(name.strip() or "Passkey")[:100],
+                    transports=json.dumps([t for t in transports if isinstance(t, str)][:10]
+                                          if isinstance(transports, list) else []),
+                    created_at=now))
+        except IntegrityError:
+            # Registered concurrently (the primary key decides).
+            raise PasskeyError("passkey.exists", "This passkey is already registered.") from None
         return Passkey(cid, user_id, name, verified.sign_count, now, None)
 
     # --- authentication ---

@@ -200,10 +200,14 @@ class SessionStore:
                 stage=stage))
 
     def flow_failure(self, flow: Flow) -> int:
+        """Count a failed factor; returns the flow's failures now. Read back in the same
+        transaction, after the increment locked the row: concurrent wrong codes each see
+        their own count, not the stale `flow.failures + 1` every one of them read."""
+        lf = tables.login_flows
         with self._db.begin() as conn:
-            conn.execute(tables.login_flows.update().where(tables.login_flows.c.id_hash == flow.id_hash).values(
-                failures=tables.login_flows.c.failures + 1))
-        return flow.failures + 1
+            conn.execute(lf.update().where(lf.c.id_hash == flow.id_hash).values(failures=lf.c.failures + 1))
+            n = conn.execute(sa.select(lf.c.failures).where(lf.c.id_hash == flow.id_hash)).scalar()
+        return int(n) if n is not None else flow.failures + 1
 
     def end_flow(self, flow: Flow) -> tuple[str, str]:
         with self._db.begin() as conn:

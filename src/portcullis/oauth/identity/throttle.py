@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from portcullis.oauth.config import LoginThrottleConfig
 from portcullis.oauth.db import AuthDb
@@ -112,13 +113,25 @@ class LoginThrottle:
         return bool(now - r["last_failure"] >= self._cfg.lock_seconds)
 
     def failure(self, account: str | None, ip: str | None) -> None:
-        """Record one failed attempt."""
+        """Record one failed attempt.
+
+        Read-modify-write made atomic on every database: the row is first created if
+        missing (`INSERT ... ON CONFLICT DO NOTHING`, so concurrent first failures do not
+        collide), then read locked (PostgreSQL `FOR UPDATE`; on SQLite the insert already
+        holds the write lock), so concurrent failures from several processes each count.
+        """
         now = self._clock()
         with self._db.begin() as conn:
             for key in (account, ip):
                 if not key:
                     continue
-                row = conn.execute(sa.select(tables.throttle).where(tables.throttle.c.key == key)).first()
+                # A fresh row: no failures yet (the rules below then count this one as the first).
+                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                conn.execute(insert(tables.throttle).values(
+                    key=key, failures=0, window_start=now, last_failure=now, locked_until=None
+                ).on_conflict_do_nothing(index_elements=["key"]))
+                row = conn.execute(sa.select(tables.throttle).where(tables.throttle.c.key == key)
+                                   .with_for_update()).first()
                 m = row._mapping if row else None
                 if key == account:
                     fails = 1 if m is None or self._account_expired(m, now) else m["failures"] + 1

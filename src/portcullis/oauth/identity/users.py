@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from portcullis.oauth.identity import recovery, tables, totp
 from portcullis.oauth.identity.keys import IdentityKeys
@@ -92,12 +93,16 @@ class Users:
         uid = "usr_" + secrets.token_urlsafe(16)
         now = self._now()
         pw_hash = self.hasher.hash(password)
-        with self._db.begin() as conn:
-            if conn.execute(sa.select(tables.users.c.user_id).where(tables.users.c.username == name)).first():
-                raise UserExistsError(name)
-            conn.execute(tables.users.insert().values(
-                user_id=uid, tenant=tenant, username=name, password_hash=pw_hash,
-                roles=json.dumps(sorted(set(roles))), created_at=now, password_changed_at=now))
+        try:
+            with self._db.begin() as conn:
+                if conn.execute(sa.select(tables.users.c.user_id).where(tables.users.c.username == name)).first():
+                    raise UserExistsError(name)
+                conn.execute(tables.users.insert().values(
+                    user_id=uid, tenant=tenant, username=name, password_hash=pw_hash,
+                    roles=json.dumps(sorted(set(roles))), created_at=now, password_changed_at=now))
+        except IntegrityError:
+            # A concurrent create of the same username committed between our read and insert.
+            raise UserExistsError(name) from None
         user = self.get(uid)
         assert user is not None
         return user
@@ -234,9 +239,12 @@ class Users:
             step = totp.match_step(secret, code, self._now())
             if step is None:
                 return False
-            conn.execute(tables.users.update().where(tables.users.c.user_id == user_id).values(
-                totp_secret=sealed, totp_pending=None, totp_last_step=step))
-        return True
+            # Compare-and-set on the pending secret: of two concurrent confirmations with
+            # one code exactly one activates it (and spends the step).
+            n = conn.execute(tables.users.update().where(
+                (tables.users.c.user_id == user_id) & (tables.users.c.totp_pending == sealed)).values(
+                totp_secret=sealed, totp_pending=None, totp_last_step=step)).rowcount
+        return bool(n)
 
     def remove_totp(self, user_id: str) -> None:
         with self._db.begin() as conn:
@@ -274,6 +282,12 @@ class Users:
         codes = recovery.new_codes()
         now = self._now()
         with self._db.begin() as conn:
+            # Lock the user's row first (PostgreSQL; a no-op on SQLite, whose DELETE takes
+            # the write lock): two concurrent replacements then run one after the other
+            # and only the last set survives, as on SQLite. Without it each DELETE misses
+            # the other's uncommitted codes and both sets stay valid.
+            conn.execute(sa.select(tables.users.c.user_id).where(tables.users.c.user_id == user_id)
+                         .with_for_update())
             conn.execute(tables.recovery_codes.delete().where(tables.recovery_codes.c.user_id == user_id))
             for c in codes:
                 h = recovery.code_hash(self._keys.recovery, c)
