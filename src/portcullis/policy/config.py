@@ -13,9 +13,10 @@ import re
 from datetime import time
 from pathlib import Path
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from portcullis.tz import iana_zone
 
 Sensitivity = Literal["public", "internal", "confidential", "restricted"]
 #: Labels as Cedar numbers: a principal whose clearance is at least a resource's label may see it.
@@ -122,11 +123,7 @@ class BusinessHours(_Model):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as 'Europe/Berlin')") from None
-        return v
+        return iana_zone(v)
 
     @field_validator("start", "end")
     @classmethod

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,6 +54,7 @@ from portcullis.traffic.gcra import Decision, MemoryGcra
 from portcullis.traffic.memory import MemoryRateBackend
 from portcullis.traffic.protocols import BackendUnavailable, LimitCheck, QuotaBackend, QuotaDecision, RateBackend
 from portcullis.traffic.quota import PERIODS, Period, period_window
+from portcullis.tz import iana_zone
 
 log = logging.getLogger("portcullis.limit")
 
@@ -111,11 +112,7 @@ class QuotaConfig(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'Europe/Berlin' or 'UTC')") from None
-        return v
+        return iana_zone(v)
 
     @property
     def enabled(self) -> bool:

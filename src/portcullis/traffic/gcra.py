@@ -67,9 +67,16 @@ class MemoryGcra:
             self._tat[key] = tat - spec.per_seconds / spec.requests * cost
 
     def _sweep(self, now: float) -> None:
-        stale = [k for k, t in self._tat.items() if t <= now]
-        for k in stale:
-            del self._tat[k]
-        if len(self._tat) >= self._max_keys:
-            for k in list(self._tat)[: max(1, self._max_keys // 10)]:
-                del self._tat[k]
+        sweep(self._tat, now, self._max_keys)
+
+
+def sweep(tats: dict[str, float], now: float, max_keys: int) -> None:
+    """Make room in a full TAT table: drop keys whose bucket is full again (they carry no
+    information); if that is not enough, the oldest-inserted tenth (they can only gain,
+    never lose, allowance by it)."""
+    stale = [k for k, t in tats.items() if t <= now]
+    for k in stale:
+        del tats[k]
+    if len(tats) >= max_keys:
+        for k in list(tats)[: max(1, max_keys // 10)]:
+            del tats[k]

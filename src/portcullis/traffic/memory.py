@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from portcullis.traffic.gcra import Decision
+from portcullis.traffic.gcra import Decision, sweep
 from portcullis.traffic.protocols import LimitCheck, RevocationListener
 
 log = logging.getLogger("portcullis.traffic")
@@ -103,12 +103,7 @@ class MemoryRateBackend:
         self._tat.clear()
 
     def _sweep(self, now: float) -> None:
-        stale = [k for k, t in self._tat.items() if t <= now]
-        for k in stale:
-            del self._tat[k]
-        if len(self._tat) >= self._max_keys:
-            for k in list(self._tat)[: max(1, self._max_keys // 10)]:
-                del self._tat[k]
+        sweep(self._tat, now, self._max_keys)
 
 
 class MemoryReplayCache:
