@@ -360,12 +360,13 @@ def test_token_revoked_with_one_nodes_config_is_refused_by_the_other_within_a_se
     auth = {"Authorization": f"Bearer {token}"}
     assert get(cluster.a.port, "/echo/t", auth).status == 200
     assert get(cluster.b.port, "/echo/t", auth).status == 200
-    revoked_at = time.monotonic()
     cli("tokens", "revoke", "--sub", "user-to-revoke", "--reason", "scale-out test", "--config", str(cluster.config_a))
+    # The CLI exits after the commit: from then on, node b's poll interval (0.25 s) is all
+    # that may remain (the CLI's own start-up time is not part of the guarantee).
+    committed = time.monotonic()
     wait_for(lambda: get(cluster.b.port, "/echo/t", auth).status == 401, 5.0)
-    latency = time.monotonic() - revoked_at
-    # The CLI exits after the commit: what remains is node b's poll interval (0.25 s).
-    assert latency < 1.0 + _cli_seconds(), f"node b refused after {latency:.2f}s"
+    latency = time.monotonic() - committed
+    assert latency < 1.0, f"node b refused {latency:.2f}s after the revocation was committed"
     assert get(cluster.a.port, "/echo/t", auth).status == 401
     other = issuer.mint(AUD, sub="someone-else", tenant="other-tenant")
     assert get(cluster.b.port, "/echo/t", {"Authorization": f"Bearer {other}"}).status == 200
@@ -382,13 +383,6 @@ def test_api_key_revoked_on_one_node_is_refused_by_the_other_within_a_second(clu
     after_commit = time.monotonic() - committed
     assert after_commit < 1.0, f"node a refused {after_commit:.2f}s after the CLI returned ({r.stdout})"
     assert committed - start < 30
-
-
-def _cli_seconds() -> float:
-    """How long one CLI invocation takes here (Python start-up and imports), measured."""
-    start = time.monotonic()
-    cli("--version")
-    return time.monotonic() - start
 
 
 def test_both_nodes_wrote_one_verifiable_audit_chain(cluster: Cluster) -> None:
