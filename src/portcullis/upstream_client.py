@@ -289,6 +289,20 @@ class Response:
                 return
             yield chunk
 
+    async def read(self, limit: int) -> bytes | None:
+        """The whole body, released afterwards; None (connection closed) when it exceeds
+        `limit` bytes. Upstream errors propagate as from `body()`."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.body():
+            size += len(chunk)
+            if size > limit:
+                self.release()
+                return None
+            chunks.append(chunk)
+        self.release()
+        return b"".join(chunks)
+
     def release(self) -> None:
         """Return the connection to the pool if the response was read whole, else close it."""
         if self._released:

@@ -12,6 +12,7 @@ import pytest
 from portcullis.demo.run import demo_config
 from portcullis.demo.upstream import DemoApi, UpstreamThread
 from portcullis.keysadmin import create_key, revoke_key
+from tests.integration.echo import EchoApp
 from tests.integration.harness import Client, GatewayThread, free_port, write_config
 
 
@@ -26,6 +27,15 @@ class Env:
 
     def as_(self, name: str) -> Client:
         return Client(self.client.port, {"Authorization": f"Bearer {self.keys[name]}"})
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[UpstreamThread]:
+    """An upstream that answers with what it received (tests/integration/echo.py)."""
+    t = UpstreamThread(EchoApp())
+    t.start()
+    yield t
+    t.stop()
 
 
 @pytest.fixture(scope="session")

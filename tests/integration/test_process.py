@@ -13,14 +13,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from portcullis.demo.upstream import UpstreamThread
 from portcullis.gateway import open_audit_store
-from tests.integration.echo import EchoApp
 from tests.integration.harness import Client, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,14 +28,6 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "portcullis", *args], capture_output=True, text=True,
                           timeout=60, env=env, check=check)
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[UpstreamThread]:
-    t = UpstreamThread(EchoApp())
-    t.start()
-    yield t
-    t.stop()
 
 
 def write(tmp: Path, upstream: str, port: int, metrics_port: int | None = None) -> Path:

@@ -46,7 +46,6 @@ from joserfc.jwk import ECKey
 from portcullis.credentials.rfc9449 import jwk_thumbprint
 from portcullis.demo.upstream import UpstreamThread
 from portcullis.gateway import open_audit_store
-from tests.integration.echo import EchoApp
 from tests.integration.harness import free_port
 from tests.integration.issuer import IssuerApp
 from tests.integration.redis_harness import ThrowawayRedis, shared_redis_url, unique_prefix
@@ -209,14 +208,6 @@ def redis_cleanup(url: str, prefix: str) -> None:
 
 
 # -- shared fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[UpstreamThread]:
-    t = UpstreamThread(EchoApp())
-    t.start()
-    yield t
-    t.stop()
 
 
 @pytest.fixture(scope="module")

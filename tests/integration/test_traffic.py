@@ -26,7 +26,6 @@ import pytest
 from portcullis.demo.upstream import UpstreamThread
 from portcullis.keysadmin import create_key
 from portcullis.traffic.concurrency import ConcurrencyLimiter
-from tests.integration.echo import EchoApp
 from tests.integration.harness import Client, GatewayThread, Response, find_audit_event, free_port, write_config
 
 
@@ -92,14 +91,6 @@ def traffic_config(echo_url: str, port: int) -> dict[str, Any]:
             route("dead", "/p/dead", "dead", "/x"),
         ],
     }
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[UpstreamThread]:
-    t = UpstreamThread(EchoApp())
-    t.start()
-    yield t
-    t.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from portcullis.demo.upstream import UpstreamThread
-from tests.integration.echo import EchoApp
 from tests.integration.harness import free_port
 from tests.integration.redis_harness import shared_redis_url, unique_prefix
 from tests.integration.test_scale_out import ENV, ROOT, Node, create_key, node_doc, redis_cleanup, write_yaml
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[UpstreamThread]:
-    t = UpstreamThread(EchoApp())
-    t.start()
-    yield t
-    t.stop()
 
 
 def two_free_ports() -> int:

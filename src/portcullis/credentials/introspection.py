@@ -167,21 +167,13 @@ class Introspector:
             resp = await self._pool.request("POST", self._target, headers, form,
                                             read_timeout=self.cfg.timeout_seconds,
                                             total_timeout=self.cfg.timeout_seconds)
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.body():
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    resp.release()
-                    raise JwtRefusal("introspection.unavailable", "Access tokens cannot be verified right now.")
-                chunks.append(chunk)
-            resp.release()
+            body = await resp.read(MAX_RESPONSE_BYTES)
         except UpstreamError:
             raise JwtRefusal("introspection.unavailable", "Access tokens cannot be verified right now.") from None
-        if resp.status != 200:
+        if body is None or resp.status != 200:  # too large, or not an answer
             raise JwtRefusal("introspection.unavailable", "Access tokens cannot be verified right now.")
         try:
-            doc = json.loads(b"".join(chunks))
+            doc = json.loads(body)
         except ValueError:
             doc = None
         if not isinstance(doc, dict):

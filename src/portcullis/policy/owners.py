@@ -238,25 +238,19 @@ class UpstreamOwnerSource:
                 resp = await self._pool.request("GET", target, headers, None,
                                                 read_timeout=self.cfg.timeout_seconds,
                                                 total_timeout=self.cfg.timeout_seconds)
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.body():
-                    size += len(chunk)
-                    if size > MAX_ANSWER_BYTES:
-                        resp.release()
-                        raise OwnerLookupError("owner answer too large")
-                    chunks.append(chunk)
-                resp.release()
+                body = await resp.read(MAX_ANSWER_BYTES)
         except (UpstreamError, TimeoutError):
             if resp is not None:
                 resp.release()  # closes a half-read connection
             raise OwnerLookupError("owner source unavailable") from None
+        if body is None:
+            raise OwnerLookupError("owner answer too large")
         if resp.status == 404:
             return None
         if resp.status != 200:
             raise OwnerLookupError(f"owner source answered {resp.status}")
         try:
-            doc: Any = json.loads(b"".join(chunks))
+            doc: Any = json.loads(body)
         except ValueError:
             doc = None
         if not isinstance(doc, dict) or not _valid(doc.get("owner")):

@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from portcullis.credentials.acr import ACR_MFA, ACR_ORDER, ACR_PASSWORD, ACR_PHISHING_RESISTANT, acr_satisfies
-from portcullis.oauth.http import AsRequest, AsResponse, AsRoutes, html_response, json_response, redirect
+from portcullis.oauth.http import AsRequest, AsResponse, AsRoutes, Handler, html_response, json_response, redirect
 from portcullis.oauth.identity import totp
 from portcullis.oauth.identity.csrf import Csrf
 from portcullis.oauth.identity.keys import IdentityKeys
@@ -96,21 +96,21 @@ class Identity:
     # --- routes ---
     def register(self, routes: AsRoutes) -> None:
         routes.add("GET", "/account/login", self.login_page)
-        routes.add("POST", "/account/login", self.login_submit)
+        routes.add("POST", "/account/login", self._form(self.login_submit))
         routes.add("GET", "/account/login/mfa", self.mfa_page)
-        routes.add("POST", "/account/login/mfa", self.mfa_submit)
+        routes.add("POST", "/account/login/mfa", self._form(self.mfa_submit))
         routes.add("GET", "/account/login/enroll", self.enroll_page)
-        routes.add("POST", "/account/login/enroll", self.enroll_submit)
-        routes.add("POST", "/account/passkey/login/options", self.passkey_login_options)
-        routes.add("POST", "/account/passkey/login/verify", self.passkey_login_verify)
-        routes.add("POST", "/account/passkey/register/options", self.passkey_register_options)
-        routes.add("POST", "/account/passkey/register/verify", self.passkey_register_verify)
-        routes.add("POST", "/account/logout", self.logout)
+        routes.add("POST", "/account/login/enroll", self._form(self.enroll_submit))
+        routes.add("POST", "/account/passkey/login/options", self._json(self.passkey_login_options))
+        routes.add("POST", "/account/passkey/login/verify", self._json(self.passkey_login_verify))
+        routes.add("POST", "/account/passkey/register/options", self._json(self.passkey_register_options))
+        routes.add("POST", "/account/passkey/register/verify", self._json(self.passkey_register_verify))
+        routes.add("POST", "/account/logout", self._form(self.logout))
         routes.add("GET", "/account/security", self.security_page)
         routes.add("GET", "/account/security/totp", self.security_totp_page)
-        routes.add("POST", "/account/security/totp", self.security_totp_submit)
-        routes.add("POST", "/account/security/recovery-codes", self.security_recovery_codes)
-        routes.add("POST", "/account/security/passkeys/delete", self.security_passkey_delete)
+        routes.add("POST", "/account/security/totp", self._form(self.security_totp_submit))
+        routes.add("POST", "/account/security/recovery-codes", self._form(self.security_recovery_codes))
+        routes.add("POST", "/account/security/passkeys/delete", self._form(self.security_passkey_delete))
         for path in self._static:
             routes.add("GET", path, self.static)
 
@@ -128,6 +128,20 @@ class Identity:
                  link_text: str = "", headers: list[tuple[str, str]] | None = None) -> AsResponse:
         return self._render("message.html", status, headers, reason=reason, title=title, text=text, link=link,
                             link_text=link_text)
+
+    def _form(self, handler: Handler) -> Handler:
+        """`handler` behind the CSRF check every form POST needs (a refusal is a page)."""
+        async def checked(req: AsRequest) -> AsResponse:
+            bad = self.csrf.failure(req)
+            return self._csrf_refused(req, bad) if bad else await handler(req)
+        return checked
+
+    def _json(self, handler: Handler) -> Handler:
+        """`handler` behind the same CSRF check for the passkey JSON endpoints."""
+        async def checked(req: AsRequest) -> AsResponse:
+            bad = self.csrf.failure(req)
+            return _json_error(bad, "Reload the page and try again.", 403) if bad else await handler(req)
+        return checked
 
     def _csrf_refused(self, req: AsRequest, reason: str) -> AsResponse:
         req.audit["csrf"] = reason
@@ -204,9 +218,6 @@ class Identity:
                             passkey_js=True, username="")
 
     async def login_submit(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         flow = self.store.flow(req)
         if flow is None:
             return self._message("Sign in", "The sign-in form expired. Please start again.", 400,
@@ -265,9 +276,6 @@ class Identity:
                             has_passkey=self.users.passkey_count(user.user_id) > 0, error=error)
 
     async def mfa_submit(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         got = self._flow_user(req, "mfa")
         if isinstance(got, AsResponse):
             return got
@@ -328,9 +336,6 @@ class Identity:
         return "Your account needs a second factor. Set up an authenticator app or a passkey to finish signing in."
 
     async def enroll_submit(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         got = self._flow_user(req, "enroll")
         if isinstance(got, AsResponse):
             return got
@@ -365,9 +370,6 @@ class Identity:
         return doc if isinstance(doc, dict) else None
 
     async def passkey_login_options(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return _json_error(bad, "Reload the page and try again.", 403)
         flow = self.store.flow(req)
         if flow is None or flow.stage not in ("start", "mfa"):
             return _json_error("login.no_flow", "The sign-in page expired. Reload it and try again.")
@@ -375,9 +377,6 @@ class Identity:
                           [("content-type", "application/json")], reason="passkey.options")
 
     async def passkey_login_verify(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return _json_error(bad, "Reload the page and try again.", 403)
         flow = self.store.flow(req)
         doc = self._json_body(req)
         if flow is None or flow.stage not in ("start", "mfa"):
@@ -420,9 +419,6 @@ class Identity:
         return _json_error("passkey.not_fresh", "Sign in again to add a passkey.", 403)
 
     async def passkey_register_options(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return _json_error(bad, "Reload the page and try again.", 403)
         got = self._registrant(req)
         if isinstance(got, AsResponse):
             return got
@@ -434,9 +430,6 @@ class Identity:
         return AsResponse(200, options.encode(), [("content-type", "application/json")], reason="passkey.options")
 
     async def passkey_register_verify(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return _json_error(bad, "Reload the page and try again.", 403)
         got = self._registrant(req)
         if isinstance(got, AsResponse):
             return got
@@ -459,9 +452,6 @@ class Identity:
 
     # --- logout ---
     async def logout(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         session = self.store.current(req)
         if session is not None:
             req.audit.update(user_id=session.user_id, username=session.username)
@@ -504,9 +494,6 @@ class Identity:
                             allow_passkey=False, title="Set up an authenticator app")
 
     async def security_totp_submit(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         got = self._fresh(req, "/account/security/totp")
         if isinstance(got, AsResponse):
             return got
@@ -522,9 +509,6 @@ class Identity:
         return redirect("/account/security?done=totp", reason="enroll.totp")
 
     async def security_recovery_codes(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         got = self._fresh(req, "/account/security")
         if isinstance(got, AsResponse):
             return got
@@ -534,9 +518,6 @@ class Identity:
                             next="/account/security")
 
     async def security_passkey_delete(self, req: AsRequest) -> AsResponse:
-        bad = self.csrf.failure(req)
-        if bad:
-            return self._csrf_refused(req, bad)
         got = self._fresh(req, "/account/security")
         if isinstance(got, AsResponse):
             return got
