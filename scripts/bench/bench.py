@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,41 @@ def _ms(text: str) -> float:
     m = re.match(r"([\d.]+)(us|ms|s)", text)
     assert m, text
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+
+def pin(cpu: str) -> list[str]:
+    """taskset to `cpu` and, as root, a higher priority (nice -10) for the servers and wrk alike,
+    so other work on a shared machine disturbs the measurement less; the same for both sides."""
+    return [*(["nice", "-n", "-10"] if os.geteuid() == 0 and shutil.which("nice") else []), *taskset(cpu)]
+
+
+def wrk_script(base: str, script: Path, env: dict[str, str], conns: int, seconds: int) -> dict[str, float]:
+    """wrk (pinned to CPU 1) with a Lua `script` that counts wrong answers (`bad ... responses: N`)."""
+    cmd = [*pin("1"), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), base]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    out = run.stdout
+    if run.stderr.strip():
+        print(run.stderr.strip()[:600], file=sys.stderr)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    bad = re.search(r"^bad \w+ responses: (\d+)", out, re.M)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+            "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+            "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+            "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
+            "bad": float(bad.group(1)) if bad else -1.0}
+
+
+def machine_busy() -> float:
+    """CPU-seconds all cores spent busy since boot (/proc/stat: total less idle and iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU-seconds used by this process's finished children (servers we started and stopped)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def main() -> int:

@@ -38,8 +38,6 @@ import base64
 import json
 import os
 import platform
-import re
-import resource
 import secrets
 import shutil
 import subprocess
@@ -55,17 +53,12 @@ from typing import Any
 ROOT = Path.cwd()
 HERE = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(HERE))
-from bench import _ms, cpu_seconds, stop_all, taskset  # noqa: E402
+from bench import children_cpu, cpu_seconds, machine_busy, pin, stop_all, wrk_script  # noqa: E402
 
 OP_PORT, PCL_PORT = 18201, 18202
 SCOPE, AUDIENCE = "api:read", "https://api.bench"
 OPAQUE_RESOURCE = "urn:bench:opaque"  # oidc-provider introspects opaque tokens only (server.mjs)
 
-
-def pin(cpu: str) -> list[str]:
-    """taskset to `cpu` and, as root, a higher priority (nice -10) for the servers and wrk alike,
-    so other work on a shared machine disturbs the measurement less; the same for both sides."""
-    return [*(["nice", "-n", "-10"] if os.geteuid() == 0 and shutil.which("nice") else []), *taskset(cpu)]
 
 
 def post_form(url: str, form: dict[str, str], client: tuple[str, str]) -> tuple[int, str]:
@@ -106,31 +99,7 @@ def check_introspection(base: str, client: tuple[str, str], token: str) -> dict[
     return doc
 
 
-def wrk(base: str, script: str, env: dict[str, str], conns: int, seconds: int) -> dict[str, float]:
-    cmd = [*pin("1"), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(HERE / script), base]
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
-    out = run.stdout
-    if run.stderr.strip():
-        print(run.stderr.strip()[:600], file=sys.stderr)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    bad = re.search(r"^bad \w+ responses: (\d+)", out, re.M)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
-            "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-            "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-            "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
-            "bad": float(bad.group(1)) if bad else -1.0}
 
-
-def machine_busy() -> float:
-    """CPU-seconds all cores spent busy since boot (/proc/stat: total less idle and iowait)."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def seed_portcullis(data_dir: Path, issuer: str) -> tuple[str, str]:
@@ -229,9 +198,9 @@ routes:
                 for name in order:
                     base, client, proc, _ = servers[name]
                     env = {"BENCH_CLIENT_ID": client[0], "BENCH_CLIENT_SECRET": client[1], "BENCH_TOKEN": tokens[name]}
-                    wrk(base, script, env, args.connections, 3)  # warm-up: JIT, caches, pools
+                    wrk_script(base, HERE / script, env, args.connections, 3)  # warm-up: JIT, caches, pools
                     c0, m0, w0, t0 = cpu_seconds(proc.pid), machine_busy(), children_cpu(), time.monotonic()
-                    r = wrk(base, script, env, args.connections, args.seconds)
+                    r = wrk_script(base, HERE / script, env, args.connections, args.seconds)
                     used = cpu_seconds(proc.pid) - c0
                     r["cpu_us"] = used / max(r["requests"], 1) * 1e6
                     # CPU that neither the server nor wrk used: other work on the machine, which

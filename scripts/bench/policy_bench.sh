@@ -47,8 +47,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -68,17 +66,13 @@ EXAMPLES = ROOT / "examples" / "policies"
 CERBOS = HERE / "cerbos"
 CERBOS_BIN = CERBOS / "node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64"
 sys.path.insert(0, str(HERE))
-from bench import _ms, cpu_seconds, stop_all, taskset  # noqa: E402
+from bench import children_cpu, cpu_seconds, machine_busy, pin, stop_all, wrk_script  # noqa: E402
 
 CERBOS_PORT, CERBOS_GRPC, PCL_PORT, DECISION_PORT = 18301, 18302, 18311, 18312
 ROSTER = [("vera", "viewer"), ("eddie", "editor"), ("ann", "admin"), ("bill", "billing")]
 WORKLOADS = {"repeated": {"principals": 1, "ids": 1}, "distinct": {"principals": 4, "ids": 1_000_000}}
 NOW = 1741165200.0  # in-process: Wednesday 2025-03-05 10:00 Berlin, inside business hours
 
-
-def pin(cpu: str) -> list[str]:
-    """taskset to `cpu` and, as root, nice -10 (servers and wrk alike), as oauth_bench.sh."""
-    return [*(["nice", "-n", "-10"] if os.geteuid() == 0 and shutil.which("nice") else []), *taskset(cpu)]
 
 
 # -- in-process -------------------------------------------------------------------------
@@ -201,31 +195,7 @@ def decision(key: str, uri: str) -> int:
         "X-Original-Method": "GET", "X-Original-URI": uri, "X-Real-IP": "10.1.2.3", "X-API-Key": key})[0]
 
 
-def wrk(base: str, script: str, env: dict[str, str], conns: int, seconds: int) -> dict[str, float]:
-    cmd = [*pin("1"), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(HERE / script), base]
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
-    out = run.stdout
-    if run.stderr.strip():
-        print(run.stderr.strip()[:600], file=sys.stderr)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    bad = re.search(r"^bad \w+ responses: (\d+)", out, re.M)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-            "requests": float(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
-            "p50": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-            "p99": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
-            "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
-            "bad": float(bad.group(1)) if bad else -1.0}
 
-
-def machine_busy() -> float:
-    """CPU-seconds all cores spent busy since boot (/proc/stat: total less idle and iowait)."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def facts() -> dict[str, str]:
@@ -306,9 +276,9 @@ def main() -> int:
                 for name in order:
                     base, script, proc, envf = servers[name]
                     env = envf(w)
-                    wrk(base, script, env, args.connections, 3)  # warm-up
+                    wrk_script(base, HERE / script, env, args.connections, 3)  # warm-up
                     c0, m0, w0, t0 = cpu_seconds(proc.pid), machine_busy(), children_cpu(), time.monotonic()
-                    r = wrk(base, script, env, args.connections, args.seconds)
+                    r = wrk_script(base, HERE / script, env, args.connections, args.seconds)
                     used = cpu_seconds(proc.pid) - c0
                     r["cpu_us"] = used / max(r["requests"], 1) * 1e6
                     r["foreign_cpu"] = max(0.0, machine_busy() - m0 - used - (children_cpu() - w0)) / (
