@@ -26,8 +26,10 @@ local function body(p, id)
     '"owned":true,"sensitivity":1}},"actions":["read"]}]}', p.id, p.role, subject, p.clearance, id)
 end
 
-local threads = {}
-setup = function(thread) threads[#threads + 1] = thread end
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrk_common.lua")
+local threads = common.check("cerbos", "decision", function(status, body)
+  return not (status ~= 200 or not body:find('"read":"EFFECT_ALLOW"', 1, true))
+end)
 
 init = function(args)
   math.randomseed(os.time() + #threads)
@@ -41,19 +43,3 @@ request = function()
   return wrk.format("POST", "/api/check/resources", headers, body(p, id))
 end
 
-bad, shown = 0, 0
-response = function(status, headers, body)
-  if status ~= 200 or not body:find('"read":"EFFECT_ALLOW"', 1, true) then
-    bad = bad + 1
-    if shown < 3 then
-      shown = shown + 1
-      io.stderr:write("cerbos: unexpected response " .. status .. ": " .. body:sub(1, 200) .. "\n")
-    end
-  end
-end
-
-done = function(summary, latency, requests)
-  local total = 0
-  for _, t in ipairs(threads) do total = total + (t:get("bad") or 0) end
-  io.write(string.format("bad decision responses: %d\n", total))
-end

@@ -15,8 +15,10 @@ local ids = tonumber(os.getenv("BENCH_IDS") or "1")
 local ip = os.getenv("BENCH_IP") or "10.1.2.3"
 local n = 0
 
-local threads = {}
-setup = function(thread) threads[#threads + 1] = thread end
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrk_common.lua")
+local threads = common.check("forward-auth", "decision", function(status, body)
+  return not (status ~= 200)
+end)
 
 init = function(args)
   math.randomseed(os.time() + #threads)
@@ -33,19 +35,3 @@ request = function()
   })
 end
 
-bad, shown = 0, 0
-response = function(status, headers, body)
-  if status ~= 200 then
-    bad = bad + 1
-    if shown < 3 then
-      shown = shown + 1
-      io.stderr:write("forward-auth: unexpected response " .. status .. ": " .. body:sub(1, 200) .. "\n")
-    end
-  end
-end
-
-done = function(summary, latency, requests)
-  local total = 0
-  for _, t in ipairs(threads) do total = total + (t:get("bad") or 0) end
-  io.write(string.format("bad decision responses: %d\n", total))
-end
