@@ -427,7 +427,7 @@ def test_wycheproof_374_payload_is_refused_by_algorithm() -> None:
 
 # Found by these vectors and fixed: b64decode accepted non-zero pad bits (RFC 4648 §3.5), so a token had up to
 # 16 spellings that verified, each with its own `sha256:` credential id (a revocation bypass). Now refused, and
-# the credential id hashes the signed part (header.payload), which ECDSA malleability cannot change either.
+# for ECDSA the credential id hashes the signed part (header.payload), which malleability cannot change either.
 @pytest.mark.parametrize("tcid", [18, 33, 272])
 def test_noncanonical_signature_encoding_is_refused(tcid: int) -> None:
     """tcId 374's mutation applied to the signature of an accepted ES256 / RS256 / PS256 vector."""

@@ -464,3 +464,101 @@ def test_roca_fingerprint_spares_ordinary_keys() -> None:
     for _ in range(3):
         n = crypto_rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
         assert not roca_fingerprint(n)
+
+
+async def test_every_principal_field_comes_from_its_claim() -> None:
+    """The verifier builds the Principal positionally (it is on the hot path): each field
+    must land under its own name."""
+    jkt = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+    tok = sign(RSA, "RS256", claims(jti="tok-7", client_id="cli-1", roles=["admin"], scope="a b",
+                                     cnf={"jkt": jkt}, acr="urn:mfa", amr=["pwd", "otp"], auth_time=int(NOW) - 5))
+    p = await verifier().verify(tok)
+    assert p._asdict() == {
+        "subject": "user-1", "tenant": "acme", "credential_id": "tok-7", "credential_kind": "jwt",
+        "scopes": frozenset({"a", "b"}), "roles": frozenset({"admin"}), "client_id": "cli-1",
+        "rate_limit": None, "cnf_jkt": jkt, "cnf_x5t": None, "limit_key": f"jwt:{ISS}:cli-1",
+        "signing_key_id": None, "audiences": frozenset({AUD}), "acr": "urn:mfa", "amr": ("pwd", "otp"),
+        "auth_time": float(int(NOW) - 5),
+    }
+    without_client = await verifier().verify(sign(RSA, "RS256", claims(client_id=None, jti=None)))
+    assert without_client.limit_key == f"jwt:{ISS}:sub:user-1"
+    assert without_client.credential_id.startswith("sha256:") and without_client.client_id is None
+
+
+async def test_cached_header_is_still_checked_against_each_issuers_rules() -> None:
+    """The decoded-header cache skips parsing, never the per-issuer checks: a header that
+    one issuer accepts (RS256, typ JWT) is refused for another that allows only ES256 or
+    requires `at+jwt`, whichever issuer's token came first."""
+    other = "https://other.example"
+    src = Issuer(RSA, EC, ED)
+    cfg = JwtConfig(issuers=[
+        JwtIssuerConfig(issuer=ISS, jwks_uri=ISS + "/jwks", audience=AUD),
+        JwtIssuerConfig(issuer=other, jwks_uri=ISS + "/jwks", audience=AUD, algorithms=["ES256"]),
+        JwtIssuerConfig(issuer="https://typed.example", jwks_uri=ISS + "/jwks", audience=AUD,
+                        require_typ="at+jwt")])
+    v = JwtVerifier(cfg, fetch=src.fetch, clock=lambda: NOW)
+    for cache in v.issuers.values():
+        cache._clock = lambda: NOW
+    assert (await v.verify(sign(RSA, "RS256", typ="JWT"))).subject == "user-1"
+    assert await refused(v, sign(RSA, "RS256", claims(iss=other), typ="JWT")) == "jwt.alg_not_allowed"
+    assert await refused(v, sign(RSA, "RS256", claims(iss="https://typed.example"), typ="JWT")) == "jwt.bad_typ"
+
+
+async def test_header_cache_is_bounded_and_keeps_no_refused_header() -> None:
+    v = verifier()
+    for i in range(300):  # a flood of distinct (valid) headers
+        await v.verify(sign(RSA, "RS256", cty=f"t{i}"))
+    assert 0 < len(v._headers) <= 64
+    v._headers.clear()
+    for bad in ({"alg": "none"}, {"alg": "RS256", "crit": ["exp"]}, {"alg": "RS256", "kid": 7},
+                {"alg": "RS256", "typ": "dpop+jwt"}):
+        await refused(v, forge(bad, claims(), b"sig"))
+    assert v._headers == {}
+
+
+@pytest.mark.parametrize("segment", ["+", "/", "="])
+async def test_standard_base64_characters_are_not_base64url(segment: str) -> None:
+    """RFC 7515 §2: base64url without padding; "+", "/" and "=" anywhere make the token malformed."""
+    head, body, sig = sign(RSA, "RS256").split(b".")
+    for i, part in enumerate((head, body, sig)):
+        parts = [head, body, sig]
+        parts[i] = part[:8] + segment.encode() + part[9:]
+        assert await refused(verifier(), b".".join(parts)) == "jwt.malformed"
+
+
+@pytest.mark.parametrize(("key", "alg"), [(RSA, "RS256"), (RSA, "PS256"), (EC, "ES256"), (ED, "EdDSA"),
+                                          (RSA, "RS384")])
+async def test_a_cached_token_with_another_signature_is_verified_again(key: Any, alg: str) -> None:
+    """The verified-token cache is keyed by the signed part; a hit also needs the same
+    signature, so a token re-signed with garbage after its genuine twin was cached is
+    still refused (and the genuine one still served)."""
+    v = verifier(algorithms=["RS256", "PS256", "RS384", "ES256", "EdDSA"])
+    good = sign(key, alg)
+    assert (await v.verify(good)).subject == "user-1"
+    head, body, sig = good.split(b".")
+    raw = bytearray(base64.urlsafe_b64decode(sig + b"=" * (-len(sig) % 4)))
+    raw[len(raw) // 2] ^= 0x01
+    forged = head + b"." + body + b"." + b64(bytes(raw))
+    assert await refused(v, forged) == "jwt.bad_signature"
+    assert await refused(v, head + b"." + body + b".") == "jwt.malformed"
+    assert (await v.verify(good)).subject == "user-1"
+
+
+async def test_verify_now_asks_for_keys_it_does_not_have() -> None:
+    """`verify_now` never waits: before the JWKS is loaded, and for an unknown `kid`, it raises
+    `KeysNeeded`; `verify` then fetches and answers, and `verify_now` answers from then on."""
+    from portcullis.credentials.jwt import KeysNeeded
+
+    src = Issuer(RSA, EC, ED)
+    v = verifier(src)
+    tok = sign(RSA, "RS256")
+    with pytest.raises(KeysNeeded):
+        v.verify_now(tok)
+    assert src.fetches == 0
+    assert (await v.verify(tok)).subject == "user-1"
+    assert src.fetches == 1
+    assert v.verify_now(tok).subject == "user-1"
+    other = RSAKey.generate_key(2048, parameters={"kid": "rotated"})
+    with pytest.raises(KeysNeeded):
+        v.verify_now(sign(other, "RS256"))
+    assert await refused(v, forge({"alg": "RS256", "kid": "rsa1"}, claims(), b"x" * 256)) == "jwt.bad_signature"

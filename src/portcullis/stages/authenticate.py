@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from portcullis.credentials import apikeys
 from portcullis.credentials.introspection import Introspector
-from portcullis.credentials.jwt import JwtRefusal, JwtVerifier
+from portcullis.credentials.jwt import JwtRefusal, JwtVerifier, KeysNeeded
 from portcullis.credentials.rfc9449 import DpopNonces, DpopRefusal, DpopVerifier, proof_from_headers
 from portcullis.exchange import Exchange, Principal
 from portcullis.netutil import TrustedProxies, client_scheme
@@ -185,11 +185,11 @@ class AuthenticateStage:
             ex.facts["dpop"] = how == "dpop"
             # A JWT has exactly two dots; anything else is an opaque token (RFC 7662).
             if presented.count(b".") == 2 and "jwt" in methods and self._jwt is not None:
-                return await self._token_principal(ex, presented, self._jwt.verify)
+                return await self._token_principal(ex, presented, self._jwt.verify, self._jwt.verify_now)
             if "introspection" in methods and self._introspector is not None:
                 return await self._token_principal(ex, presented, self._introspector.verify)
             if "jwt" in methods and self._jwt is not None and "api_key" not in methods:
-                return await self._token_principal(ex, presented, self._jwt.verify)
+                return await self._token_principal(ex, presented, self._jwt.verify, self._jwt.verify_now)
         if how == "dpop":
             return _invalid("auth.dpop_not_for_api_keys")
         if "api_key" not in methods:
@@ -231,11 +231,20 @@ class AuthenticateStage:
         return None
 
     async def _token_principal(self, ex: Exchange, token: bytes,
-                               verify: Callable[[bytes], Awaitable[Principal]]) -> Problem | None:
+                               verify: Callable[[bytes], Awaitable[Principal]],
+                               verify_now: Callable[[bytes], Principal] | None = None) -> Problem | None:
+        """`verify_now`, when given, answers without a coroutine unless it raises
+        `KeysNeeded` (the issuer's keys must be fetched): then `verify` is awaited."""
         # RFC 9449 §7.1: a request made with the DPoP scheme is answered with DPoP challenges.
         refuse = self._dpop_token_refusal if ex.facts.get("dpop") else _invalid
         try:
-            principal = await verify(token)
+            if verify_now is None:
+                principal = await verify(token)
+            else:
+                try:
+                    principal = verify_now(token)
+                except KeysNeeded:
+                    principal = await verify(token)
         except JwtRefusal as refusal:
             if refusal.reason in ("jwt.jwks_unavailable", "introspection.unavailable"):
                 # Fail closed, but say it is our side: the issuer's keys cannot be had.
