@@ -57,8 +57,8 @@ def _targets(config: Path | None, data_dir: Path | None, *, create: bool) -> Ite
             engines.append(make_engine(storage.url, storage))
             targets.append((storage.redacted_url(), engines[-1], list(BRANCHES)))
         else:
-            for branch in BRANCHES:
-                path = d / DEFAULT_FILES[branch]
+            for branch, name in DEFAULT_FILES.items():
+                path = d / name
                 if not path.exists():
                     if not create:
                         continue

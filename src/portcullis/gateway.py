@@ -46,6 +46,7 @@ from portcullis.traffic.abuse import AbuseGuard
 from portcullis.traffic.adaptive import TrustPolicy
 from portcullis.traffic.concurrency import ConcurrencyLimiter
 from portcullis.traffic.failover import SharedTraffic
+from portcullis.traffic.ledger import QuotaLedger
 from portcullis.traffic.memory import MemoryRateBackend
 from portcullis.traffic.protocols import QuotaBackend, RateBackend
 from portcullis.traffic.quota import SqliteQuotaBackend
@@ -287,7 +288,9 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     # each concern failing as `redis.on_failure` says (replay checks always fail closed).
     shared: SharedTraffic | None = None
     if cfg.redis is not None and rates is None and quotas is None:
-        shared = SharedTraffic.open(cfg.redis)
+        # With a shared database too, quota counts outlive Redis (the ledger, issue 6).
+        ledger = QuotaLedger.open(data_dir) if cfg.traffic.quotas.enabled else None
+        shared = SharedTraffic.open(cfg.redis, ledger=ledger, ledger_flush_seconds=cfg.traffic.quotas.flush_seconds)
         rates, quotas = shared.rates, shared.quotas
     replay = shared.replay if shared is not None else None
     auth_server: AuthServer | None = None
@@ -358,6 +361,8 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
         keys.start()
         writer.start()
         await traffic.start()
+        if shared is not None:
+            shared.start()
         if auth_server is not None:
             await auth_server.start()
         if jwt is not None:

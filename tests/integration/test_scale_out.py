@@ -249,6 +249,7 @@ def shared_redis() -> Iterator[tuple[str, str]]:
 # -- 1. two nodes, shared PostgreSQL and Redis -------------------------------------------
 
 LIMIT = 1000  # per minute, burst LIMIT: all of it available at once
+QUOTA = 10**9  # per tenant and month
 
 
 @dataclass
@@ -267,7 +268,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_schema: PgSchema, share
     root = tmp_path_factory.mktemp("cluster")
     url, prefix = shared_redis
     redis = {"url": url, "key_prefix": prefix, "on_failure": {"limits": "closed"}}
-    limits = {"rate_limits": {"shared": {"requests": LIMIT, "per_seconds": 60, "burst": LIMIT, "key": "tenant"}}}
+    limits = {"rate_limits": {"shared": {"requests": LIMIT, "per_seconds": 60, "burst": LIMIT, "key": "tenant"}},
+              # A quota no test reaches: its counts go to Redis and to the shared ledger.
+              "traffic": {"quotas": {"per_tenant": {"month": QUOTA}, "flush_seconds": 0.2}}}
     ports = free_port(), free_port()
     config_a = write_yaml(root / "a" / "gw.yaml", node_doc(ports[0], echo.url, storage=pg_schema.url,
                                                           redis=redis, issuer=issuer.issuer, **limits))
@@ -343,6 +346,41 @@ def test_shared_limit_admits_n_within_one_percent_across_both_nodes(cluster: Clu
     assert attempts > 1.5 * expected, "not saturated"
     print(f"admitted {admitted} of {attempts} in {elapsed:.2f}s, expected {expected:.1f}, per node {per_node}")
     assert abs(admitted - expected) <= 0.01 * LIMIT, f"admitted {admitted}, expected {expected:.1f}"
+
+
+def test_quota_counts_reach_the_shared_ledger_and_survive_losing_redis(cluster: Cluster, pg_schema: PgSchema,
+                                                                     shared_redis: tuple[str, str]) -> None:
+    """Both nodes count a tenant's quota in Redis and write it behind to PostgreSQL; when
+    Redis loses the counter (a restart, an eviction), it resumes from there, not from 0."""
+    import redis
+
+    from portcullis.traffic.ledger import quota_ledger
+
+    key, _ = create_key(cluster.config_a, "quota-ledger", tenant="ledgered")
+    auth = {"Authorization": f"Bearer {key}"}
+    for node in (cluster.a, cluster.b, cluster.a, cluster.b, cluster.a):
+        wait_for(lambda n=node: get(n.port, "/echo/q", auth).status == 200, 2.0)  # type: ignore[misc]
+    url, prefix = shared_redis
+    client = redis.Redis.from_url(url)
+    engine = sa.create_engine(pg_schema.url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        counters = list(client.scan_iter(match=f"{prefix}q:*:tenant:ledgered", count=1000))
+        assert len(counters) == 1, counters
+        assert int(client.get(counters[0]) or 0) == 5
+
+        def ledgered() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.select(quota_ledger.c.used).where(
+                    quota_ledger.c.key == "tenant:ledgered")).scalar() or 0)
+
+        wait_for(lambda: ledgered() == 5, 3.0)
+        client.delete(counters[0])  # Redis forgets the month so far
+        assert get(cluster.b.port, "/echo/q", auth).status == 200
+        assert int(client.get(counters[0]) or 0) == 6  # resumed, not restarted at 1
+        wait_for(lambda: ledgered() == 6, 3.0)
+    finally:
+        client.close()
+        engine.dispose()
 
 
 def test_token_revoked_with_one_nodes_config_is_refused_by_the_other_within_a_second(

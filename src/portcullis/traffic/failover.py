@@ -32,6 +32,7 @@ from typing import Literal
 from portcullis.storage.protocols import RateLimitSpec
 from portcullis.traffic.config import RedisConfig, RedisFailureConfig
 from portcullis.traffic.gcra import Decision
+from portcullis.traffic.ledger import LedgeredQuota, QuotaLedger
 from portcullis.traffic.memory import MemoryRateBackend
 from portcullis.traffic.protocols import (
     BackendUnavailable,
@@ -349,28 +350,45 @@ class SharedTraffic:
     revocations: FailoverRevocationBus
     alerts: FailoverAlerts
     backends: RedisBackends
+    ledgered: LedgeredQuota | None = None
 
     @classmethod
-    def open(cls, cfg: RedisConfig, *, alerts: FailoverAlerts | None = None) -> SharedTraffic:
-        """Build from config (no I/O: connections open on first use)."""
-        return cls.wrap(RedisBackends.open(cfg), cfg.on_failure, alerts=alerts)
+    def open(cls, cfg: RedisConfig, *, alerts: FailoverAlerts | None = None, ledger: QuotaLedger | None = None,
+             ledger_flush_seconds: float = 1.0) -> SharedTraffic:
+        """Build from config (no I/O: connections open on first use). With a `ledger`
+        (a shared database), quota counts are also kept there (`portcullis.traffic.ledger`)."""
+        return cls.wrap(RedisBackends.open(cfg), cfg.on_failure, alerts=alerts, ledger=ledger,
+                        ledger_flush_seconds=ledger_flush_seconds)
 
     @classmethod
     def wrap(cls, backends: RedisBackends, on_failure: RedisFailureConfig, *,
-             alerts: FailoverAlerts | None = None) -> SharedTraffic:
+             alerts: FailoverAlerts | None = None, ledger: QuotaLedger | None = None,
+             ledger_flush_seconds: float = 1.0) -> SharedTraffic:
         alerts = alerts if alerts is not None else FailoverAlerts()
         probe = on_failure.probe_interval_ms / 1000
         mode = on_failure.limits
+        quotas: QuotaBackend = backends.quotas
+        ledgered = None
+        if ledger is not None:
+            quotas = ledgered = LedgeredQuota(backends.quotas, ledger, flush_seconds=ledger_flush_seconds)
         return cls(
             rates=FailoverRateBackend(backends.rates, mode=mode, alerts=alerts, nodes=on_failure.nodes,
                                       probe_interval=probe),
-            quotas=FailoverQuota(backends.quotas, mode=mode, alerts=alerts, nodes=on_failure.nodes,
+            quotas=FailoverQuota(quotas, mode=mode, alerts=alerts, nodes=on_failure.nodes,
                                  probe_interval=probe),
             replay=FailClosedReplayCache(backends.replay, alerts=alerts, probe_interval=probe),
             revocations=FailoverRevocationBus(backends.revocations, alerts=alerts),
             alerts=alerts,
             backends=backends,
+            ledgered=ledgered,
         )
 
+    def start(self) -> None:
+        """Begin the background work (the quota ledger's flushes); inside the running loop."""
+        if self.ledgered is not None:
+            self.ledgered.start()
+
     async def close(self) -> None:
+        if self.ledgered is not None:
+            await self.ledgered.close()  # its last flush needs Redis no more, but comes first
         await self.backends.close()

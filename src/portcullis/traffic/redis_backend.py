@@ -274,19 +274,37 @@ class RedisQuota:
     def __init__(self, conn: RedisConnection) -> None:
         self._conn = conn
         self._script = conn.client.register_script(lua_script("quota.lua"))
+        self._raise = conn.client.register_script(lua_script("quota_raise.lua"))
 
-    async def consume(self, key: str, period: str, limit: int, resets_at: float, cost: int = 1) -> QuotaDecision:
+    async def consume(self, key: str, period: str, limit: int, resets_at: float, cost: int = 1, *,
+                      seed: int = 0) -> QuotaDecision:
+        """`QuotaBackend.consume`; a counter that does not exist starts from `seed`
+        (`portcullis.traffic.ledger` passes the last count known)."""
+        return (await self.consume_seeded(key, period, limit, resets_at, cost, seed=seed))[0]
+
+    async def consume_seeded(self, key: str, period: str, limit: int, resets_at: float, cost: int = 1, *,
+                             seed: int = 0) -> tuple[QuotaDecision, bool]:
+        """`consume`, and whether the counter was missing and restored from `seed` (> 0)."""
         if limit < 0:
             raise ValueError("limit must be >= 0")
+        if seed < 0:
+            raise ValueError("seed must be >= 0")
         if not _PERIOD.fullmatch(period):
             raise ValueError("period: 1-32 ASCII letters, digits, '-', '_'")
         name = self._conn.key("q", period, key)
-        raw: Any = await self._conn.call("quota", self._script([name], [limit, cost, int(resets_at * 1000)]))
+        raw: Any = await self._conn.call("quota", self._script([name], [limit, cost, int(resets_at * 1000), seed]))
         try:
-            allowed, used = int(raw[0]), int(raw[1])
+            allowed, used, restored = int(raw[0]), int(raw[1]), int(raw[2])
         except (TypeError, ValueError, IndexError):
             raise BackendUnavailable("redis quota: unexpected reply from the script") from None
-        return QuotaDecision(allowed == 1, used, limit, resets_at)
+        return QuotaDecision(allowed == 1, used, limit, resets_at), restored == 1
+
+    async def raise_to(self, key: str, period: str, floor: int) -> int:
+        """Raise an existing counter to at least `floor` (expiry kept); the count after."""
+        if not _PERIOD.fullmatch(period):
+            raise ValueError("period: 1-32 ASCII letters, digits, '-', '_'")
+        raw: Any = await self._conn.call("quota raise", self._raise([self._conn.key("q", period, key)], [floor]))
+        return int(raw)
 
     async def close(self) -> None:
         return None

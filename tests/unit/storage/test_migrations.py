@@ -18,7 +18,6 @@ from portcullis.governance.store import GovernanceStore
 from portcullis.oauth.db import AuthDb
 from portcullis.storage.engine import StorageConfig, StorageError, make_engine, sqlite_file_url
 from portcullis.storage.migrations import (
-    BRANCHES,
     DEFAULT_FILES,
     diff,
     ensure_schema,
@@ -64,8 +63,8 @@ def test_sqlite_files_made_by_create_all_upgrade_in_place(tmp_path: Path) -> Non
     AuthDb(tmp_path / DEFAULT_FILES["oauth"]).close()
     GovernanceStore(tmp_path / DEFAULT_FILES["governance"]).close()
 
-    for branch in BRANCHES:
-        engine = make_engine(sqlite_file_url(tmp_path / DEFAULT_FILES[branch]))
+    for branch, name in DEFAULT_FILES.items():
+        engine = make_engine(sqlite_file_url(tmp_path / name))
         try:
             upgrade(engine, [branch])
             assert state(engine, [branch]).up_to_date

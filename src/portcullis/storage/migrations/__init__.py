@@ -1,10 +1,11 @@
 """Alembic migrations for every store, run from code (`portcullis db upgrade`) or by a
 store opening an external database with ``storage.auto_migrate``.
 
-One *branch* per store (``keys``, ``audit``, ``oauth``, ``governance``), each with its own
-base revision. A shared database (PostgreSQL, or one SQLite URL) carries all four heads in
-one version table; the default layout (one SQLite file per store in the data directory)
-carries one branch per file. So the same revisions migrate both layouts.
+One *branch* per store (``keys``, ``audit``, ``oauth``, ``governance``, ``traffic``), each
+with its own base revision. A shared database (PostgreSQL, or one SQLite URL) carries every
+head in one version table; the default layout (one SQLite file per store in the data
+directory) carries one branch per file, and has no traffic store (`DEFAULT_FILES`). So the
+same revisions migrate both layouts.
 
 The version table is ``portcullis_alembic_version``, so an operator's own Alembic history
 in the same database is left alone. Upgrades take a lock first (PostgreSQL: a transaction
@@ -31,9 +32,11 @@ from alembic.script import ScriptDirectory
 
 from portcullis.storage.engine import StorageConfig, StorageError, make_engine
 
-Branch = Literal["keys", "audit", "oauth", "governance"]
-BRANCHES: tuple[Branch, ...] = ("keys", "audit", "oauth", "governance")
-# The default layout: each store's SQLite file in the data directory.
+Branch = Literal["keys", "audit", "oauth", "governance", "traffic"]
+BRANCHES: tuple[Branch, ...] = ("keys", "audit", "oauth", "governance", "traffic")
+# The default layout: each store's SQLite file in the data directory. The traffic store
+# (the quota ledger) exists only in a shared database: one node keeps its quota counts
+# in `traffic.db` itself (`portcullis.traffic.quota`).
 DEFAULT_FILES: dict[Branch, str] = {"keys": "portcullis.db", "audit": "audit.db", "oauth": "oauth.db",
                                     "governance": "governance.db"}
 VERSION_TABLE = "portcullis_alembic_version"
@@ -51,8 +54,9 @@ def target_metadata(branches: Iterable[Branch] = BRANCHES) -> sa.MetaData:
     from portcullis.oauth import authorize, client_auth, consent, identity, keys, refresh, rfc9126  # noqa: F401
     from portcullis.oauth.db import metadata as oauth_md
     from portcullis.storage.sqlite_keys import metadata as keys_md
+    from portcullis.traffic.ledger import metadata as traffic_md
 
-    by_branch = {"keys": keys_md, "audit": audit_md, "oauth": oauth_md, "governance": gov_md}
+    by_branch = {"keys": keys_md, "audit": audit_md, "oauth": oauth_md, "governance": gov_md, "traffic": traffic_md}
     combined = sa.MetaData()
     for b in branches:
         for table in by_branch[b].sorted_tables:
