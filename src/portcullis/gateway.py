@@ -266,7 +266,7 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     metrics = Metrics()
     # While the audit database is unreachable, acknowledged events wait on local disk.
     writer = AuditWriter(audit_store, max_batch=cfg.audit.max_batch, max_backlog=cfg.audit.max_backlog,
-                         spool=AuditSpool.claim(data_dir / "audit-spool"))
+                         linger=cfg.audit.linger_ms / 1000, spool=AuditSpool.claim(data_dir / "audit-spool"))
     keys = KeyCache(key_store, interval=cfg.keys.revocation_poll_seconds, revocations=key_store)
     trusted = TrustedProxies(cfg.normalize.trusted_proxies)
     upstreams = {name: Upstream(name, u) for name, u in cfg.upstreams.items()}

@@ -9,11 +9,11 @@ information, so this module is the one place typed code meets it.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from authlib.oauth2 import AuthorizationServer as _AuthlibServer
 from authlib.oauth2.rfc6749 import JsonPayload, JsonRequest, OAuth2Payload, OAuth2Request
 
@@ -129,7 +129,9 @@ class AuthorizationServer(_AuthlibServer):  # type: ignore[misc]
         return jr
 
     def handle_response(self, status: int, body: Any, headers: list[tuple[str, str]]) -> AsResponse:
-        data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+        # orjson: compact like json.dumps(separators=(",", ":")), ~10x faster on this
+        # per-request path (token and introspection answers).
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
         hs = [(k, v) for k, v in headers]
         if isinstance(body, dict) and not any(k.lower() == "content-type" for k, _ in hs):
             hs.append(("content-type", "application/json"))
