@@ -43,6 +43,7 @@ from portcullis.stages.signature import SignatureStage
 from portcullis.storage.engine import StorageConfig, bind_data_dir, external_engine
 from portcullis.storage.sqlite_keys import SqliteKeyStore
 from portcullis.traffic.abuse import AbuseGuard
+from portcullis.traffic.abuse_shared import SharedAbuse
 from portcullis.traffic.adaptive import TrustPolicy
 from portcullis.traffic.concurrency import ConcurrencyLimiter
 from portcullis.traffic.failover import SharedTraffic
@@ -209,6 +210,7 @@ class Traffic:
     limit: LimitStage
     concurrency: ConcurrencyStage | None
     quota_store: SqliteQuotaBackend | None
+    guard: AbuseGuard | None = None
 
     async def start(self) -> None:
         if self.quota_store is not None:
@@ -238,7 +240,7 @@ def build_traffic(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     admission = AdmissionStage(dict(cfg.rate_limits), t.admission, rates, guard,
                                t.abuse.status if t.abuse is not None else 429)
     concurrency = ConcurrencyStage(ConcurrencyLimiter(t.concurrency)) if t.concurrency.enabled else None
-    return Traffic(admission, limit, concurrency, store)
+    return Traffic(admission, limit, concurrency, store, guard)
 
 
 def load_policy(loaded: LoadedConfig) -> PolicyEngine | None:
@@ -317,6 +319,10 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     record = RecordStage(writer)
     rid_header = cfg.normalize.request_id_header.lower().encode()
     traffic = build_traffic(loaded, rates=rates, quotas=quotas)
+    # Abuse blocks shared by every node: refusals counted in Redis, blocks published.
+    abuse_share = (SharedAbuse(traffic.guard, shared.backends.connection,
+                               probe_interval=cfg.redis.on_failure.probe_interval_ms / 1000)
+                   if shared is not None and cfg.redis is not None and traffic.guard is not None else None)
     stages: list[Stage] = [
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),
@@ -363,6 +369,8 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
         await traffic.start()
         if shared is not None:
             shared.start()
+        if abuse_share is not None:
+            abuse_share.start()
         if auth_server is not None:
             await auth_server.start()
         if jwt is not None:
@@ -394,6 +402,8 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
         # close() flushes and may wait (up to its timeout): off the event loop.
         await asyncio.to_thread(writer.close)
         await traffic.close()
+        if abuse_share is not None:
+            await abuse_share.close()
         if shared is not None:
             await shared.close()
         key_store.close()

@@ -250,6 +250,7 @@ def shared_redis() -> Iterator[tuple[str, str]]:
 
 LIMIT = 1000  # per minute, burst LIMIT: all of it available at once
 QUOTA = 10**9  # per tenant and month
+ABUSE_BURST = 40  # 401s per second from one source before it is blocked
 
 
 @dataclass
@@ -270,7 +271,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_schema: PgSchema, share
     redis = {"url": url, "key_prefix": prefix, "on_failure": {"limits": "closed"}}
     limits = {"rate_limits": {"shared": {"requests": LIMIT, "per_seconds": 60, "burst": LIMIT, "key": "tenant"}},
               # A quota no test reaches: its counts go to Redis and to the shared ledger.
-              "traffic": {"quotas": {"per_tenant": {"month": QUOTA}, "flush_seconds": 0.2}}}
+              "traffic": {"quotas": {"per_tenant": {"month": QUOTA}, "flush_seconds": 0.2},
+                          # Abuse control only a burst of bad keys reaches (every test is 127.0.0.1).
+                          "abuse": {"statuses": [401], "threshold": ABUSE_BURST, "window_seconds": 1,
+                                    "block_seconds": 2, "max_block_seconds": 4}}}
     ports = free_port(), free_port()
     config_a = write_yaml(root / "a" / "gw.yaml", node_doc(ports[0], echo.url, storage=pg_schema.url,
                                                           redis=redis, issuer=issuer.issuer, **limits))
@@ -421,6 +425,22 @@ def test_both_nodes_wrote_one_verifiable_audit_chain(cluster: Cluster) -> None:
     out = cli("audit", "verify", "--config", str(cluster.config_a)).stdout
     m = re.search(r"ok: (\d+) events", out)
     assert m and int(m.group(1)) > LIMIT, out
+
+
+def test_abuse_block_earned_across_both_nodes_is_enforced_by_both(cluster: Cluster) -> None:
+    """Refusals from one source count together whichever node answered them, and the
+    block is enforced by both (the last test on the cluster: it blocks 127.0.0.1)."""
+    bad = {"Authorization": "Bearer pcl_nope_nope"}
+    statuses = [get(node.port, "/echo/x", bad).status for _ in range(ABUSE_BURST // 2)
+                for node in (cluster.a, cluster.b)]
+    assert statuses == [401] * ABUSE_BURST  # each node alone saw half the threshold
+    assert get(cluster.a.port, "/echo/x", bad).status == 401  # one past it: earns the block
+    for node in (cluster.b, cluster.a):
+        wait_for(lambda n=node: get(n.port, "/echo/x", bad).status == 429, 1.0)  # type: ignore[misc]
+        answer = get(node.port, "/echo/x", {"Authorization": f"Bearer {cluster.key}"})
+        assert answer.status == 429 and b"Too many refused requests" in answer.body  # even with a good key
+        assert 1 <= int(answer.headers["retry-after"]) <= 4
+    time.sleep(4.5)  # leave the cluster unblocked (escalated blocks last at most 4 s)
 
 
 # -- 2. Redis stops under a running node -------------------------------------------------

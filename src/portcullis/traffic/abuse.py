@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +59,15 @@ class AbuseConfig(BaseModel):
         return v
 
 
+class AbuseShare(Protocol):
+    """Where a node's refusals are counted when several nodes share abuse control."""
+
+    def count(self, src: str) -> bool:
+        """Take one refusal of `src` for shared counting (answered asynchronously); False
+        if it cannot (the shared store is down or backed up): count it locally then."""
+        ...
+
+
 class AbuseGuard:
     """Counts refusals per source and answers whether a source is blocked.
 
@@ -67,6 +76,9 @@ class AbuseGuard:
 
     def __init__(self, cfg: AbuseConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = cfg
+        # Several nodes: refusals are counted (and blocks earned) in Redis instead, and
+        # blocks arrive from every node (`portcullis.traffic.abuse_shared`).
+        self.share: AbuseShare | None = None
         self._clock = clock
         self._statuses = frozenset(cfg.statuses)
         self._spec = RateLimitSpec(cfg.threshold, cfg.window_seconds, cfg.threshold)
@@ -100,22 +112,43 @@ class AbuseGuard:
         return left if left > 0 else 0.0
 
     def record(self, client_ip: str, status: int) -> bool:
-        """Count an answer to `client_ip`; True if this answer earned the source a block."""
+        """Count an answer to `client_ip`; True if this answer earned the source a block
+        here and now (with a `share`, the count goes to Redis and the block, if earned,
+        arrives a moment later: False)."""
         if status not in self._statuses or self._is_exempt(client_ip):
             return False
         src = self.source(client_ip)
+        if self.share is not None and self.share.count(src):
+            return False
+        return self.count_locally(src)
+
+    def count_locally(self, src: str) -> bool:
+        """Count one refusal of source `src` in this process (no share, or it is down)."""
         now = self._clock()
         if self._counts.check(src, self._spec, now).allowed:
             return False
-        prev = self._blocks.pop(src, None)
+        prev = self._blocks.get(src)
         length = self._cfg.block_seconds
         if prev is not None and now < prev[0] + prev[1]:
             # Blocked again soon after the last block ended (or still in it): escalate.
             length = min(self._cfg.max_block_seconds, prev[1] * 2)
+        self.block(src, length)
+        return True
+
+    def block(self, src: str, length: float) -> None:
+        """Block source `src` for `length` seconds from now (a longer block in force stays)."""
+        now = self._clock()
+        prev = self._blocks.pop(src, None)
+        until = now + length
+        if prev is not None and prev[0] > until:
+            until, length = prev
         if len(self._blocks) >= self._cfg.max_sources:
             self._evict(now)
-        self._blocks[src] = (now + length, length)
-        return True
+        self._blocks[src] = (until, length)
+
+    @property
+    def config(self) -> AbuseConfig:
+        return self._cfg
 
     def _is_exempt(self, client_ip: str) -> bool:
         if not self._exempt:

@@ -333,26 +333,24 @@ class RedisReplayCache:
         return None
 
 
-class RedisRevocationBus:
-    """`RevocationBus` on Redis pub/sub, with a listener that survives outages.
+class RedisChannel:
+    """One pub/sub channel, listened to by a background task that survives outages.
 
-    `subscribe` starts one background task (it needs a running event loop). The task
-    subscribes, pings when idle to notice a dead or frozen server, and reconnects with
-    capped exponential backoff. After every re-subscription it calls the listeners once:
-    messages published while it was away are lost by pub/sub, and a spurious "changed"
-    only costs the listener a re-read of the store.
+    `listen` starts the task (it needs a running event loop). The task subscribes, pings
+    when idle to notice a dead or frozen server, and reconnects with capped exponential
+    backoff. Subclasses get each message's data (`_message`) and every (re)subscription
+    (`_subscribed`: messages published while the listener was away are lost by pub/sub).
     """
 
-    def __init__(self, conn: RedisConnection, *, channel: str | None = None,
-                 ping_interval: float = 1.0, max_backoff: float = 1.0) -> None:
+    def __init__(self, conn: RedisConnection, channel: str, *, ping_interval: float = 1.0,
+                 max_backoff: float = 1.0) -> None:
         self._conn = conn
-        self._channel = conn.key(channel or conn.cfg.revocation_channel)
+        self._channel = conn.key(channel)
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
-        self._listeners: list[RevocationListener] = []
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._node = secrets.token_hex(8)
+        self._closing = False
         self.reconnects = 0  # how many times the listener lost and re-made its subscription
         self.received = 0  # messages received
 
@@ -361,43 +359,36 @@ class RedisRevocationBus:
         """True while the listener holds a live subscription."""
         return self._ready.is_set()
 
-    async def publish(self) -> None:
-        await self._conn.call("publish", self._conn.client.publish(self._channel, self._node))
-
-    def subscribe(self, listener: RevocationListener) -> None:
-        self._listeners.append(listener)
+    def listen(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._listen(), name="revocation-bus")
+            self._task = asyncio.get_running_loop().create_task(self._listen(), name=f"redis-channel-{self._channel}")
 
     async def wait_ready(self) -> None:
         """Wait until the listener is subscribed (bound it with `asyncio.timeout`)."""
         await self._ready.wait()
 
-    async def _notify(self) -> None:
-        for listener in list(self._listeners):
-            try:
-                result = listener()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("revocation listener failed")
+    async def _message(self, data: bytes) -> None:
+        """One message's data (override)."""
+
+    async def _subscribed(self, first: bool) -> None:
+        """Called after every subscription; `first` is False after an outage (override)."""
 
     async def _listen(self) -> None:
         backoff = 0.05
         first = True
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             pubsub = self._conn.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await self._conn.call("subscribe", pubsub.subscribe(self._channel))
                 self._ready.set()
                 if not first:
-                    log.warning("revocation bus: subscribed again after an outage")
-                    await self._notify()
+                    log.warning("%s: subscribed again after an outage", self._channel)
+                await self._subscribed(first)
                 first = False
                 backoff = 0.05
                 last_seen = loop.time()
-                while True:
+                while not self._closing:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._ping_interval)
                     now = loop.time()
                     if msg is None:
@@ -408,27 +399,71 @@ class RedisRevocationBus:
                     last_seen = now
                     if msg.get("type") == "message":
                         self.received += 1
-                        await self._notify()
+                        data = msg.get("data")
+                        await self._message(data if isinstance(data, bytes) else str(data).encode())
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
                 if self._ready.is_set() or self.reconnects == 0:  # once per outage, not per retry
-                    log.error("revocation bus: lost the subscription (%s); reconnecting", _describe(exc))
+                    log.error("%s: lost the subscription (%s); reconnecting", self._channel, _describe(exc))
                 self._ready.clear()
                 self.reconnects += 1
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await asyncio.wait_for(pubsub.aclose(), timeout=self._conn.deadline)  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
-            backoff = min(backoff * 2, self._max_backoff)
+            if not self._closing:
+                await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+                backoff = min(backoff * 2, self._max_backoff)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            # redis-py's `get_message` can swallow a cancellation that lands at the wrong
+            # moment (seen here: the task stayed "cancelling" for good), so cancel until
+            # the task ends; `_closing` also ends the loop at its next turn.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.25)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                task.result()
         self._ready.clear()
+
+
+class RedisRevocationBus(RedisChannel):
+    """`RevocationBus` on Redis pub/sub (`RedisChannel`). After every re-subscription it
+    calls the listeners once: a spurious "changed" only costs them a re-read of the store.
+    """
+
+    def __init__(self, conn: RedisConnection, *, channel: str | None = None,
+                 ping_interval: float = 1.0, max_backoff: float = 1.0) -> None:
+        super().__init__(conn, channel or conn.cfg.revocation_channel, ping_interval=ping_interval,
+                         max_backoff=max_backoff)
+        self._listeners: list[RevocationListener] = []
+        self._node = secrets.token_hex(8)
+
+    async def publish(self) -> None:
+        await self._conn.call("publish", self._conn.client.publish(self._channel, self._node))
+
+    def subscribe(self, listener: RevocationListener) -> None:
+        self._listeners.append(listener)
+        self.listen()
+
+    async def _message(self, data: bytes) -> None:
+        await self._notify()
+
+    async def _subscribed(self, first: bool) -> None:
+        if not first:
+            await self._notify()
+
+    async def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                result = listener()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("revocation listener failed")
 
 
 @dataclass
