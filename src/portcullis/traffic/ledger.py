@@ -122,8 +122,10 @@ class LedgeredQuota:
     """`QuotaBackend`: a shared counter (`RedisQuota`) whose counts outlive it (see the module doc)."""
 
     def __init__(self, shared: SeededQuota, ledger: QuotaLedger, *, flush_seconds: float = 1.0,
-                 max_keys: int = 1_000_000, clock: Callable[[], float] = time.time) -> None:
+                 max_keys: int = 1_000_000, read_timeout: float = 0.2,
+                 clock: Callable[[], float] = time.time) -> None:
         self._shared = shared
+        self._read_timeout = read_timeout
         self._ledger = ledger
         self._flush_seconds = flush_seconds
         self._max_keys = max_keys
@@ -156,9 +158,12 @@ class LedgeredQuota:
         return decision
 
     async def _read(self, key: str, period: str) -> int:
+        """The ledger's count, or 0 if the database does not answer within `read_timeout`:
+        a request never waits on a slow database for what is only a seed."""
         try:
-            return await asyncio.to_thread(self._ledger.read, key, period)
-        except SQLAlchemyError as exc:
+            async with asyncio.timeout(self._read_timeout):
+                return await asyncio.to_thread(self._ledger.read, key, period)
+        except (SQLAlchemyError, TimeoutError) as exc:
             # Redis decides either way; without the ledger a lost counter restarts lower.
             log.error("quota ledger unreadable (%s): %s/%s not seeded", type(exc).__name__, key, period)
             return 0

@@ -173,3 +173,18 @@ async def test_a_node_with_an_older_view_restores_the_ledgers_higher_count(ledge
     assert d.used == 8
     await a.close()
     await b.close()
+
+
+async def test_a_slow_ledger_delays_no_decision(ledger_engine: sa.Engine, redis_conn: RedisConnection) -> None:
+    """A first use reads the ledger for a seed, but never waits past `read_timeout` for it."""
+    class SlowLedger(QuotaLedger):
+        def read(self, key: str, period: str) -> int:
+            time.sleep(1.0)
+            return 99
+
+    node = LedgeredQuota(RedisQuota(redis_conn), SlowLedger(ledger_engine), read_timeout=0.05)
+    started = time.monotonic()
+    d = await node.consume("t:slow", PERIOD, LIMIT, resets_at())
+    assert time.monotonic() - started < 0.5
+    assert (d.allowed, d.used) == (True, 1)  # unseeded: counted from Redis's own state
+    node._closed = True
