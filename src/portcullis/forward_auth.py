@@ -32,6 +32,7 @@ The decision never sees the request body: a route that needs a signature over a 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,7 +321,9 @@ class SignatureGate:
 def header_value(text: str, limit: int) -> bytes | None:
     """`text` as a safe header value: '%', controls and non-ASCII percent-encoded (UTF-8),
     so no CR/LF can split it; None when longer than `limit` bytes (never truncated)."""
-    if all(c in _HEADER_SAFE for c in text):
+    # For ASCII text, isprintable() is exactly 0x20-0x7E: _HEADER_SAFE plus "%" (a C scan,
+    # not a Python loop over the characters).
+    if text.isascii() and text.isprintable() and "%" not in text:
         out = text
     else:
         out = "".join(c if c in _HEADER_SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8"))
@@ -337,12 +340,18 @@ def principal_headers(prefix: str, p: Principal | None, request_id: str) -> Head
         (p.credential_kind, MAX_ID_BYTES),
     ) if p is not None else (("", 1),) * 6
     out: Headers = []
-    for field, (text, limit) in zip(PRINCIPAL_FIELDS, (*values, (request_id, MAX_ID_BYTES)), strict=True):
+    for name, (text, limit) in zip(_header_names(prefix), (*values, (request_id, MAX_ID_BYTES)), strict=True):
         encoded = header_value(text, limit)
         if encoded is None:
             return None
-        out.append(((prefix + field).lower().encode(), encoded))
+        out.append((name, encoded))
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _header_names(prefix: str) -> tuple[bytes, ...]:
+    """The identity headers' names under `prefix` (one prefix per listener)."""
+    return tuple((prefix + field).lower().encode() for field in PRINCIPAL_FIELDS)
 
 
 class DecideStage:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import cedarpy
+import orjson
 from cedarpy import pst
 
 from portcullis.exchange import Principal
@@ -56,6 +57,7 @@ from portcullis.policy.mapping import (
     generate_schema,
     template_params,
 )
+from portcullis.policy.mapping import compact_json as _dumps
 from portcullis.policy.owners import Owner
 
 log = logging.getLogger("portcullis.policy")
@@ -64,7 +66,6 @@ MAX_POLICY_FILE_BYTES = 1024 * 1024
 MAX_POLICY_FILES = 500
 MAX_PRINCIPAL_ENTITIES = 4096
 MAX_PAIR_ENTITIES = 4096  # (principal, resource) entity handles per state
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 # cedarpy's extension module takes the same request, prepared handles and returns the
 # response JSON that `cedarpy.is_authorized` wraps in objects (after routing it through
@@ -538,7 +539,7 @@ def _authorize(request: dict[str, Any], policies: cedarpy.PolicySet,
     """Cedar's (allow, reasons, errors) for one request on prepared handles."""
     inner = getattr(entities, "_inner", None)
     if _native_is_authorized is not None and inner is not None:
-        resp = json.loads(_native_is_authorized(request, policies, inner, None, False))
+        resp = orjson.loads(_native_is_authorized(request, policies, inner, None, False))
         diag = resp.get("diagnostics") or {}
         return resp.get("decision") == "Allow", list(diag.get("reason", ())), list(diag.get("errors", ()))
     res = cedarpy.is_authorized(request, policies, entities)

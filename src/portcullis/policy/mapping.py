@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import orjson
+
 from portcullis.exchange import Principal
 from portcullis.policy.config import (
     SENSITIVITY_LEVELS,
@@ -73,8 +75,21 @@ ACR_PHISHING_RESISTANT = "urn:portcullis:acr:phr"
 LIBRARY_DIR = Path(__file__).parent / "library"
 BASE_SCHEMA = LIBRARY_DIR / "portcullis.cedarschema"
 _LABELS = {v: k for k, v in SENSITIVITY_LEVELS.items()}
-# `json.dumps(x, separators=(",", ":"))` without building an encoder per call: same output.
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+_json_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def compact_json(value: Any) -> str:
+    """Compact JSON text, as `json.dumps(value, separators=(",", ":"))` but with non-ASCII
+    left as UTF-8: orjson (entities and context are encoded per decision, ~5x faster),
+    falling back to `json` for what orjson refuses (integers beyond 64 bits, non-string
+    keys). Cedar reads both spellings alike."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return _json_dumps(value)
+
+
+_dumps = compact_json
 MEMO_SIZE = 4096  # bound of each per-mapper memo (principals, client addresses)
 
 

@@ -303,3 +303,16 @@ def test_slice_that_cannot_be_built_falls_back_to_the_whole_set(tmp_path: Path,
                                             path_params={"tenant": "acme"}, client_ip="10.0.0.1", now=WEDNESDAY_10))
     assert d.allowed and not d.errors
     assert eng._state.slices["list_projects"].policies is eng._state.policies
+
+
+def test_compact_json_matches_json_and_falls_back_where_orjson_refuses() -> None:
+    import json
+
+    from portcullis.policy.mapping import compact_json
+
+    doc = {"a": [1, 2.5, True, None], "b": "x y", "c": {"d": "é≠"}}
+    assert json.loads(compact_json(doc)) == doc
+    assert compact_json({"a": [1, "b"]}) == json.dumps({"a": [1, "b"]}, separators=(",", ":"))
+    big = {"n": 2**70}
+    assert compact_json(big) == '{"n":' + str(2**70) + "}"  # beyond 64 bits: the json fallback
+    assert json.loads(compact_json({1: "x"})) == {"1": "x"}  # a non-string key: the fallback too
