@@ -153,6 +153,9 @@ class TableOwnerSourceConfig(_Model):
 
     kind: Literal["table"]
     sqlite: str | None = None  # path to a SQLite file (relative to the config's directory)
+    # A table in a database of the platform's own: postgresql://user@host/db (psycopg 3) or
+    # sqlite:////abs/path.db. Read-only queries; the password belongs in PGPASSWORD/.pgpass.
+    url: str | None = None
     table: str = Field(default="resource_owners", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     id_column: str = Field(default="resource_id", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     owner_column: str = Field(default="owner", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -163,9 +166,13 @@ class TableOwnerSourceConfig(_Model):
 
     @model_validator(mode="after")
     def _one(self) -> TableOwnerSourceConfig:
-        given = [x for x in (self.sqlite, self.file, self.entries) if x is not None]
+        given = [x for x in (self.sqlite, self.url, self.file, self.entries) if x is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of sqlite, file or entries")
+            raise ValueError("give exactly one of sqlite, url, file or entries")
+        if self.url is not None:
+            from portcullis.storage.engine import StorageConfig
+
+            StorageConfig(url=self.url)  # the same URL rules as `storage.url` (ValueError says which)
         return self
 
 

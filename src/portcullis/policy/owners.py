@@ -45,6 +45,7 @@ from portcullis.policy.config import (
     TableOwnerSourceConfig,
     UpstreamOwnerSourceConfig,
 )
+from portcullis.storage.engine import StorageConfig, make_engine, sqlite_file_url
 from portcullis.upstream_client import Pool, PoolConfig, UpstreamError
 
 MAX_ID_BYTES = 512
@@ -116,13 +117,22 @@ class StaticOwnerSource:
         return None
 
 
-class SqliteOwnerSource:
-    """Owners from a SQLite table, read (SQLAlchemy Core) in a worker thread on each lookup."""
+class SqlOwnerSource:
+    """Owners from a database table (SQLite or PostgreSQL), read (SQLAlchemy Core) in a
+    worker thread on each lookup. PostgreSQL gets the storage engine's settings: a pool,
+    connect and statement timeouts, so a slow database fails the lookup (closed) instead
+    of holding the request."""
 
     deferred: ClassVar[bool] = False
 
-    def __init__(self, cfg: TableOwnerSourceConfig, path: Path) -> None:
-        self._engine = sa.create_engine(f"sqlite:///{path}")
+    def __init__(self, cfg: TableOwnerSourceConfig, url: str | sa.URL) -> None:
+        u = sa.make_url(url)
+        if u.get_backend_name() == "sqlite":
+            # Plain: the file is the operator's; no pragmas of ours (WAL) are left on it.
+            self._engine = sa.create_engine(u)
+        else:
+            self._engine = make_engine(u, StorageConfig(connect_timeout_seconds=2, statement_timeout_seconds=2,
+                                                        pool_timeout_seconds=2), application_name="portcullis-owners")
         md = sa.MetaData()
         cols = [sa.Column(cfg.id_column, sa.Text), sa.Column(cfg.owner_column, sa.Text)]
         if cfg.tenant_column:
@@ -302,7 +312,7 @@ class HeaderOwnerSource:
         return None
 
 
-AnyOwnerSource = StaticOwnerSource | SqliteOwnerSource | UpstreamOwnerSource | HeaderOwnerSource
+AnyOwnerSource = StaticOwnerSource | SqlOwnerSource | UpstreamOwnerSource | HeaderOwnerSource
 
 
 def build_owner_source(
@@ -319,6 +329,8 @@ def build_owner_source(
     if cfg.file is not None:
         p = Path(cfg.file)
         return StaticOwnerSource.from_yaml(p if p.is_absolute() else base_dir / p)
+    if cfg.url is not None:
+        return SqlOwnerSource(cfg, cfg.url)
     assert cfg.sqlite is not None
     p = Path(cfg.sqlite)
-    return SqliteOwnerSource(cfg, p if p.is_absolute() else base_dir / p)
+    return SqlOwnerSource(cfg, sqlite_file_url(p if p.is_absolute() else base_dir / p))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from pydantic import ValidationError
 
 from portcullis.policy.config import (
     HeaderOwnerSourceConfig,
@@ -24,7 +25,7 @@ from portcullis.policy.owners import (
     HeaderOwnerSource,
     Owner,
     OwnerLookupError,
-    SqliteOwnerSource,
+    SqlOwnerSource,
     StaticOwnerSource,
     UpstreamOwnerSource,
     build_owner_source,
@@ -160,7 +161,7 @@ async def test_sqlite_source(tmp_path: Path) -> None:
                          [(k, v[0], v[1]) for k, v in OWNERS.items()] + [("dup", "a", "acme"), ("dup", "b", "acme")])
     cfg = TableOwnerSourceConfig(kind="table", sqlite=db.name)
     src = build_owner_source(cfg, tmp_path)
-    assert isinstance(src, SqliteOwnerSource)
+    assert isinstance(src, SqlOwnerSource)
     assert await src.lookup("Project", "g1", None) == Owner("gina", "globex")
     assert await src.lookup("Project", "zzz", None) is None
     with pytest.raises(OwnerLookupError, match="several rows"):  # ambiguous ownership refuses
@@ -245,3 +246,49 @@ def test_policy_config_builds_every_kind(tmp_path: Path) -> None:
         "c": {"kind": "header", "owner_header": "X-Owner"}}})
     kinds = {n: type(build_owner_source(s, tmp_path)).__name__ for n, s in c.owner_sources.items()}
     assert kinds == {"a": "StaticOwnerSource", "b": "UpstreamOwnerSource", "c": "HeaderOwnerSource"}
+
+
+async def test_table_source_in_postgresql() -> None:
+    """`url:` reads the owner table from the platform's own database (the real PostgreSQL
+    server, a throwaway schema); ambiguous rows refuse; an unreachable database fails closed."""
+    import sqlalchemy as sa
+
+    from tests.unit.storage.backends import PG_URL, PgDatabase, pg_reachable
+
+    why = pg_reachable()
+    if why is not None:
+        pytest.skip(why)
+    admin = sa.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    db = PgDatabase(admin)
+    schema = db.schema()
+    try:
+        eng = schema.engine()
+        with eng.begin() as conn:
+            conn.exec_driver_sql("create table resource_owners (resource_id text, owner text, tenant text)")
+            for k, (owner, tenant) in [*OWNERS.items(), ("dup", ("a", "acme")), ("dup", ("b", "acme"))]:
+                conn.exec_driver_sql("insert into resource_owners values (%s, %s, %s)", (k, owner, tenant))
+        eng.dispose()
+        src = build_owner_source(TableOwnerSourceConfig(kind="table", url=schema.url), Path("."))
+        assert isinstance(src, SqlOwnerSource)
+        try:
+            assert await src.lookup("Project", "g1", None) == Owner("gina", "globex")
+            assert await src.lookup("Project", "zzz", None) is None
+            with pytest.raises(OwnerLookupError, match="several rows"):
+                await src.lookup("Project", "dup", None)
+        finally:
+            await src.close()
+        down = build_owner_source(TableOwnerSourceConfig(kind="table", url="postgresql://nobody@127.0.0.1:1/none"),
+                                  Path("."))
+        with pytest.raises(OwnerLookupError, match="unavailable"):
+            await down.lookup("Project", "p1", None)
+        await down.close()
+    finally:
+        db.drop(schema)
+        admin.dispose()
+
+
+def test_table_source_url_is_checked() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        TableOwnerSourceConfig(kind="table", url="postgresql://u@h/db", sqlite="x.db")
+    with pytest.raises(ValidationError, match="unsupported database"):
+        TableOwnerSourceConfig(kind="table", url="mysql://u@h/db")
