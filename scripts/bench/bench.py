@@ -163,6 +163,20 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def measure_server(base: str, script: Path, env: dict[str, str], conns: int, seconds: int,
+                   pid: int) -> dict[str, float]:
+    """`wrk_script` after a 3 s warm-up, plus the server's CPU per request (`cpu_us`, process
+    `pid` and its threads) and `foreign_cpu`: the CPU that neither the server nor wrk used
+    (other work on the machine, which lowers requests/s; share of one core, 0 when quiet)."""
+    wrk_script(base, script, env, conns, 3)  # warm-up: JIT, caches, pools
+    c0, m0, w0, t0 = cpu_seconds(pid), machine_busy(), children_cpu(), time.monotonic()
+    r = wrk_script(base, script, env, conns, seconds)
+    used = cpu_seconds(pid) - c0
+    r["cpu_us"] = used / max(r["requests"], 1) * 1e6
+    r["foreign_cpu"] = max(0.0, machine_busy() - m0 - used - (children_cpu() - w0)) / (time.monotonic() - t0)
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=15)

@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path.cwd()
 HERE = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(HERE))
-from bench import children_cpu, cpu_seconds, machine_busy, pin, stop_all, wrk_script  # noqa: E402
+from bench import measure_server, pin, stop_all  # noqa: E402
 
 OP_PORT, PCL_PORT = 18201, 18202
 SCOPE, AUDIENCE = "api:read", "https://api.bench"
@@ -198,15 +198,7 @@ routes:
                 for name in order:
                     base, client, proc, _ = servers[name]
                     env = {"BENCH_CLIENT_ID": client[0], "BENCH_CLIENT_SECRET": client[1], "BENCH_TOKEN": tokens[name]}
-                    wrk_script(base, HERE / script, env, args.connections, 3)  # warm-up: JIT, caches, pools
-                    c0, m0, w0, t0 = cpu_seconds(proc.pid), machine_busy(), children_cpu(), time.monotonic()
-                    r = wrk_script(base, HERE / script, env, args.connections, args.seconds)
-                    used = cpu_seconds(proc.pid) - c0
-                    r["cpu_us"] = used / max(r["requests"], 1) * 1e6
-                    # CPU that neither the server nor wrk used: other work on the machine, which
-                    # lowers requests/s (share of one core; 0% on a quiet machine).
-                    r["foreign_cpu"] = max(0.0, machine_busy() - m0 - used - (children_cpu() - w0)) / (
-                        time.monotonic() - t0)
+                    r = measure_server(base, HERE / script, env, args.connections, args.seconds, proc.pid)
                     results.setdefault(f"{name}-{kind}", []).append(r)
                     print(f"round {rnd + 1} {name} {kind}: {r['rps']:.0f}/s p50 {r['p50']:.2f} ms "
                           f"p99 {r['p99']:.2f} ms, {r['cpu_us']:.0f} µs CPU/request, non-2xx {r['non2xx']:.0f}, "

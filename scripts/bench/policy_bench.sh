@@ -66,7 +66,7 @@ EXAMPLES = ROOT / "examples" / "policies"
 CERBOS = HERE / "cerbos"
 CERBOS_BIN = CERBOS / "node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64"
 sys.path.insert(0, str(HERE))
-from bench import children_cpu, cpu_seconds, machine_busy, pin, stop_all, wrk_script  # noqa: E402
+from bench import measure_server, pin, stop_all  # noqa: E402
 
 CERBOS_PORT, CERBOS_GRPC, PCL_PORT, DECISION_PORT = 18301, 18302, 18311, 18312
 ROSTER = [("vera", "viewer"), ("eddie", "editor"), ("ann", "admin"), ("bill", "billing")]
@@ -276,13 +276,7 @@ def main() -> int:
                 for name in order:
                     base, script, proc, envf = servers[name]
                     env = envf(w)
-                    wrk_script(base, HERE / script, env, args.connections, 3)  # warm-up
-                    c0, m0, w0, t0 = cpu_seconds(proc.pid), machine_busy(), children_cpu(), time.monotonic()
-                    r = wrk_script(base, HERE / script, env, args.connections, args.seconds)
-                    used = cpu_seconds(proc.pid) - c0
-                    r["cpu_us"] = used / max(r["requests"], 1) * 1e6
-                    r["foreign_cpu"] = max(0.0, machine_busy() - m0 - used - (children_cpu() - w0)) / (
-                        time.monotonic() - t0)
+                    r = measure_server(base, HERE / script, env, args.connections, args.seconds, proc.pid)
                     results.setdefault(f"{name}-{wname}", []).append(r)
                     print(f"round {rnd + 1} {name} {wname}: {r['rps']:.0f}/s p50 {r['p50']:.2f} ms "
                           f"p99 {r['p99']:.2f} ms, {r['cpu_us']:.0f} µs CPU/decision, non-2xx {r['non2xx']:.0f}, "

@@ -321,8 +321,8 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     traffic = build_traffic(loaded, rates=rates, quotas=quotas)
     # Abuse blocks shared by every node: refusals counted in Redis, blocks published.
     abuse_share = (SharedAbuse(traffic.guard, shared.backends.connection,
-                               probe_interval=cfg.redis.on_failure.probe_interval_ms / 1000)
-                   if shared is not None and cfg.redis is not None and traffic.guard is not None else None)
+                               probe_interval=shared.backends.connection.cfg.on_failure.probe_interval_ms / 1000)
+                   if shared is not None and traffic.guard is not None else None)
     stages: list[Stage] = [
         record,  # admission: refuse when the audit log cannot keep up (fail closed)
         NormalizeStage(cfg.normalize, trusted),

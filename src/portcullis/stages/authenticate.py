@@ -185,11 +185,11 @@ class AuthenticateStage:
             ex.facts["dpop"] = how == "dpop"
             # A JWT has exactly two dots; anything else is an opaque token (RFC 7662).
             if presented.count(b".") == 2 and "jwt" in methods and self._jwt is not None:
-                return await self._token_principal(ex, presented, self._jwt.verify, self._jwt.verify_now)
+                return await self._token_principal(ex, presented, self._jwt.verify, jwt=self._jwt)
             if "introspection" in methods and self._introspector is not None:
                 return await self._token_principal(ex, presented, self._introspector.verify)
             if "jwt" in methods and self._jwt is not None and "api_key" not in methods:
-                return await self._token_principal(ex, presented, self._jwt.verify, self._jwt.verify_now)
+                return await self._token_principal(ex, presented, self._jwt.verify, jwt=self._jwt)
         if how == "dpop":
             return _invalid("auth.dpop_not_for_api_keys")
         if "api_key" not in methods:
@@ -232,19 +232,19 @@ class AuthenticateStage:
 
     async def _token_principal(self, ex: Exchange, token: bytes,
                                verify: Callable[[bytes], Awaitable[Principal]],
-                               verify_now: Callable[[bytes], Principal] | None = None) -> Problem | None:
-        """`verify_now`, when given, answers without a coroutine unless it raises
-        `KeysNeeded` (the issuer's keys must be fetched): then `verify` is awaited."""
+                               jwt: JwtVerifier | None = None) -> Problem | None:
+        """With `jwt`, its `verify_now` answers without a coroutine unless it raises
+        `KeysNeeded` (the issuer's keys must be fetched): then `resume` finishes it."""
         # RFC 9449 §7.1: a request made with the DPoP scheme is answered with DPoP challenges.
         refuse = self._dpop_token_refusal if ex.facts.get("dpop") else _invalid
         try:
-            if verify_now is None:
+            if jwt is None:
                 principal = await verify(token)
             else:
                 try:
-                    principal = verify_now(token)
-                except KeysNeeded:
-                    principal = await verify(token)
+                    principal = jwt.verify_now(token)
+                except KeysNeeded as need:
+                    principal = await jwt.resume(token, need)
         except JwtRefusal as refusal:
             if refusal.reason in ("jwt.jwks_unavailable", "introspection.unavailable"):
                 # Fail closed, but say it is our side: the issuer's keys cannot be had.
