@@ -59,6 +59,7 @@ from portcullis.policy.mapping import (
 )
 from portcullis.policy.mapping import compact_json as _dumps
 from portcullis.policy.owners import Owner
+from portcullis.policy.shape import ShapeRules, principal_shape, shape_key, shape_rules
 
 log = logging.getLogger("portcullis.policy")
 
@@ -152,8 +153,32 @@ class _State:
     nodes: Any = None
     action_ancestors: dict[str, frozenset[str]] = field(default_factory=dict)
     slices: dict[str, _Slice] = field(default_factory=dict)  # action id -> its slice (filled lazily)
-    principals: OrderedDict[str, str] = field(default_factory=OrderedDict)  # entity JSON -> trimmed
+    principals: OrderedDict[str, _Principal] = field(default_factory=OrderedDict)  # by entity JSON
     pairs: OrderedDict[tuple[str, str], cedarpy.Entities] = field(default_factory=OrderedDict)
+    shape: ShapeRules = field(default_factory=lambda: ShapeRules(None, "not computed"))
+
+
+@dataclass(slots=True)
+class _Principal:
+    """A principal entity as a decision sends it: trimmed, its JSON (made when Cedar
+    first needs it) and its renamed form (`shape.principal_shape`; None: shapeless or
+    shapes off)."""
+
+    trimmed: dict[str, Any]
+    shape: tuple[Any, dict[str, str]] | None
+    json: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What one decision sends Cedar, before it is serialized: the slice, the context
+    keys (None: the whole context), the principal and the other entities, trimmed."""
+
+    slice: _Slice
+    context: dict[str, Any] | None
+    pjson: str
+    principal: _Principal
+    rest: tuple[dict[str, Any], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +188,10 @@ class _Slice:
 
     policies: cedarpy.PolicySet
     context: frozenset[str] | None
+    context_keys: tuple[str, ...] | None = field(init=False)  # `context` in a fixed order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "context_keys", None if self.context is None else tuple(sorted(self.context)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,8 +553,16 @@ def build_state(cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path
     if problems or schema is None or policies is None or base is None or schema_text is None:
         raise PolicyError(problems or [PolicyProblem("policies could not be loaded")])
     nodes = _policy_nodes(policies)
-    return _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text,
-                  _use_of(nodes) if nodes is not None else attribute_use(policies), nodes, action_ancestors(base))
+    state = _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text,
+                   _use_of(nodes) if nodes is not None else attribute_use(policies), nodes, action_ancestors(base))
+    try:
+        root = nodes if nodes is not None else policies.to_pst()
+    except Exception:  # syntax cedarpy cannot express as nodes: no shapes, whole-input keys
+        root = None
+    state.shape = shape_rules(root, mapper.role_entities())
+    if state.shape.keep is None:
+        log.info("decision cache keyed by whole inputs: %s", state.shape.reason)
+    return state
 
 
 def _head(text: str) -> str:
@@ -568,7 +605,7 @@ class PolicyEngine:
         self._routes = list(routes)
         self._dir = policy_dir
         self._state = build_state(cfg, routes, policy_dir)
-        self._cache: OrderedDict[tuple[int, str], Decision] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str | bytes], Decision] = OrderedDict()  # whole input | shape
         self._cache_size = cfg.decision_cache_size
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
@@ -606,40 +643,62 @@ class PolicyEngine:
     # -- deciding ------------------------------------------------------------------
 
     def decide(self, inp: DecisionInput) -> Decision:
-        """Allow or deny ``inp``; cached by the whole input and the state generation."""
+        """Allow or deny ``inp``; cached by the state generation and the whole input, and
+        by the input's shape (`policy.shape`: the input with its strings renamed
+        one-to-one, where the policies cannot tell the difference)."""
         st = self._state  # read once: this decision runs wholly on one state
-        key = (st.generation, inp.key)
-        if self._cache_size:
+        if not self._cache_size:
+            return self._evaluate(st, inp)
+        exact: tuple[int, str | bytes] = (st.generation, inp.key)
+        with self._lock:
+            hit = self._cache.get(exact)
+            if hit is not None:
+                self._cache.move_to_end(exact)
+                self.hits += 1
+                return hit
+        try:
+            prep = self._prepare(st, inp)
+            shape = self._shape(st, inp, prep)
+        except Exception:  # a malformed input: evaluating it reports the error and denies
+            return self._evaluate(st, inp)
+        keys: list[tuple[int, str | bytes]] = [exact] if shape is None else [(st.generation, shape), exact]
+        if shape is not None:
             with self._lock:
-                hit = self._cache.get(key)
+                hit = self._cache.get(keys[0])
                 if hit is not None:
-                    self._cache.move_to_end(key)
+                    self._cache.move_to_end(keys[0])
                     self.hits += 1
-                    return hit
-        decision = self._evaluate(st, inp)
-        if self._cache_size and not decision.errors:
-            cached = Decision(decision.allowed, decision.policies, decision.errors, True, decision.generation)
+            if hit is not None:
+                self._remember(keys[1:], hit)  # this input again: no renaming needed
+                return hit
+        decision = self._evaluate(st, inp, prep)
+        if not decision.errors:
             with self._lock:
                 self.misses += 1
-                self._cache[key] = cached
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+            self._remember(keys, Decision(decision.allowed, decision.policies, decision.errors, True,
+                                          decision.generation))
         return decision
+
+    def _remember(self, keys: list[tuple[int, str | bytes]], decision: Decision) -> None:
+        with self._lock:
+            for k in keys:
+                self._cache[k] = decision
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     def decide_uncached(self, inp: DecisionInput) -> Decision:
         """Evaluate without touching the cache (explain, tests, benchmarks)."""
         return self._evaluate(self._state, inp)
 
-    def _evaluate(self, st: _State, inp: DecisionInput) -> Decision:
+    def _evaluate(self, st: _State, inp: DecisionInput, prep: _Prepared | None = None) -> Decision:
         try:
-            ents = self._entities(st, inp)
-            sl = self._slice(st, inp.action)
-            keys = sl.context
-            ctx = inp.context_json if keys is None else _dumps(
-                {k: v for k, v in inp.context.items() if k in keys})
+            if prep is None:
+                prep = self._prepare(st, inp)
+            ents = self._entities(st, inp, prep)
+            ctx = inp.context_json if prep.context is None else _dumps(prep.context)
             request = {"principal": inp.principal, "action": inp.action, "resource": inp.resource,
                        "context": ctx}
-            allowed, reasons, errs = _authorize(request, sl.policies, ents)
+            allowed, reasons, errs = _authorize(request, prep.slice.policies, ents)
             labels = tuple(sorted(st.info[r].label if r in st.info else r for r in reasons))
             errors = tuple(errs)
             return Decision(allowed and not errors, labels, errors, False, st.generation)
@@ -660,28 +719,56 @@ class PolicyEngine:
             st.slices[aid] = sl  # bounded by the schema's actions; a racing thread builds the same
         return sl
 
-    def _entities(self, st: _State, inp: DecisionInput) -> cedarpy.Entities:
-        """Base + the input's entities as a handle, with only the attributes the policies
-        name. Per state, bounded LRUs keep the handle per (principal, rest) and the trimmed
-        JSON per principal (adding one or two entities to the base costs the same, so a
-        handle per principal alone would not save anything)."""
-        ejs = inp.entity_jsons or tuple(_dumps(e) for e in inp.entities)
-        pjson = ejs[0]
-        pair_key = (pjson, ",".join(ejs[1:]))
+    def _prepare(self, st: _State, inp: DecisionInput) -> _Prepared:
+        """The slice, context keys and trimmed entities of ``inp`` (only the attributes
+        the policies name). The trimmed principal and its renamed form are kept per state
+        in a bounded LRU, by the principal's entity JSON."""
+        sl = self._slice(st, inp.action)
+        keys = sl.context_keys
+        if keys is None:
+            ctx = None
+        else:
+            full = inp.context
+            ctx = {k: full[k] for k in keys if k in full}
+        pjson = inp.entity_jsons[0] if inp.entity_jsons else _dumps(inp.entities[0])
         attrs = st.use.attrs
+        with self._lock:
+            principal = st.principals.get(pjson)
+        if principal is None:
+            trimmed = _trim_entity(inp.entities[0], attrs)
+            keep = st.shape.keep
+            principal = _Principal(trimmed, None if keep is None else principal_shape(trimmed, keep))
+            with self._lock:
+                st.principals[pjson] = principal
+                while len(st.principals) > MAX_PRINCIPAL_ENTITIES:
+                    st.principals.popitem(last=False)
+        rest = tuple(_trim_entity(e, attrs) for e in inp.entities[1:])
+        return _Prepared(sl, ctx, pjson, principal, rest)
+
+    @staticmethod
+    def _shape(st: _State, inp: DecisionInput, prep: _Prepared) -> bytes | None:
+        keep = st.shape.keep
+        if keep is None or prep.principal.shape is None:
+            return None
+        return shape_key(prep.principal.shape, rest=prep.rest, action=inp.action,
+                         uids=(inp.principal, inp.resource),
+                         context=inp.context if prep.context is None else prep.context, keep=keep)
+
+    def _entities(self, st: _State, inp: DecisionInput, prep: _Prepared) -> cedarpy.Entities:
+        """Base + the input's trimmed entities as a handle. Per state, a bounded LRU keeps
+        the handle per (principal, rest) (adding one or two entities to the base costs the
+        same, so a handle per principal alone would not save anything)."""
+        ejs = inp.entity_jsons or tuple(_dumps(e) for e in inp.entities)
+        pair_key = (prep.pjson, ",".join(ejs[1:]))
         with self._lock:
             handle = st.pairs.get(pair_key)
             if handle is not None:
                 st.pairs.move_to_end(pair_key)
                 return handle
-            trimmed = st.principals.get(pjson)
-        if trimmed is None:
-            trimmed = _dumps(_trim_entity(inp.entities[0], attrs))
-            with self._lock:
-                st.principals[pjson] = trimmed
-                while len(st.principals) > MAX_PRINCIPAL_ENTITIES:
-                    st.principals.popitem(last=False)
-        delta = "[" + ",".join([trimmed, *(_dumps(_trim_entity(e, attrs)) for e in inp.entities[1:])]) + "]"
+        pj = prep.principal.json
+        if pj is None:
+            pj = prep.principal.json = _dumps(prep.principal.trimmed)
+        delta = "[" + ",".join([pj, *(_dumps(e) for e in prep.rest)]) + "]"
         handle = st.base.with_added_json_str(delta)
         with self._lock:
             st.pairs[pair_key] = handle

@@ -158,10 +158,13 @@ def test_default_deny_without_permit(tmp_path: Path) -> None:
 # -- cache ---------------------------------------------------------------------------------
 
 def test_cache_hits_and_bounds(tmp_path: Path) -> None:
-    eng = engine(tmp_path, decision_cache_size=3)
+    subjects = " || ".join(f'principal.subject == "u{i}"' for i in range(10))
+    eng = engine(tmp_path, {"ops.cedar": PERMIT_ALL + f"forbid (principal, action, resource) when {{ ({subjects}) "
+                            "&& context.risk_score > 1000 };\n"}, decision_cache_size=3)
     first = eng.decide(get(eng))
     again = eng.decide(get(eng))
     assert first.allowed and not first.cached and again.cached and again.allowed
+    # Ten distinct shapes (each subject a literal of the policies) fill a cache of three.
     for i in range(10):
         eng.decide(get(eng, p=principal(subject=f"u{i}")))
     assert len(eng._cache) == 3

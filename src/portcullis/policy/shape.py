@@ -1,0 +1,204 @@
+"""Decision shapes: one cached decision for every input Cedar cannot tell apart.
+
+Cedar compares the strings of a request only for equality: with each other, with the
+policies' literals, as set members and as entity ids. It reads their content in four
+places only: ``like`` patterns, the extension constructors (``ip``, ``decimal``,
+``datetime``, ``duration``) applied to a non-literal, and entity tags (``getTag``/
+``hasTag`` take a string key). So when a policy set uses none of those on request data,
+renaming the request's strings one-to-one — leaving every string the policies or the
+base entities (roles, actions) name untouched — changes no decision, reason or error:
+the evaluation of the renamed request is the evaluation of the original with the names
+swapped. (Cedar has no ordering, length, prefix or concatenation on strings.)
+
+`shape_key` is that renaming made canonical: each string outside the kept set becomes a
+token numbered by first appearance (``"\\x00" + n``), so ``alice`` editing her own
+project ``p1`` and ``bob`` editing his own ``p9`` have one key, while ``bob`` editing
+``alice``'s project (owner and subject differ) has another, and so has anything whose
+numbers, booleans, entity types, role parents, action, attribute names or kept strings
+differ. Entity types and the ids of parents are never renamed (roles and actions are
+kept strings anyway). A value Cedar would read as something other than plain data (an
+``__entity``/``__extn``/``__expr`` escape), a kept string that looks like a token, or an
+entity field other than ``uid``/``attrs``/``parents`` makes the input shapeless: it is
+cached by its whole text, as before.
+
+The decision cache uses the shape as its key when the policy set allows it
+(`ShapeRules.keep` is not None); tests compare shape-cached decisions with fresh
+evaluations on random and adversarial inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from cedarpy import pst
+
+# Extension constructors parse their string argument: on request data they read content.
+_PARSING_OPS = frozenset({"ip", "decimal", "datetime", "duration"})
+_TAG_OPS = frozenset({"get_tag", "has_tag"})
+_ESCAPES = frozenset({"__entity", "__extn", "__expr"})
+RENAMED = "\x00"  # a renamed string is this and its number
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeRules:
+    """``keep``: the strings that stay as they are in a shape key (every string literal
+    and entity id the policies name, every string of the base entities); None when the
+    policy set reads string content, with ``reason`` saying where."""
+
+    keep: frozenset[str] | None
+    reason: str = ""
+
+
+class _Shapeless(Exception):
+    """The input cannot be renamed safely: key it by its whole text."""
+
+
+def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeRules:
+    """The rules for the policy set whose `cedarpy.pst` nodes are ``root`` (None: the
+    set could not be read as nodes, so no shapes) over ``base_entities`` (Cedar JSON)."""
+    if root is None:
+        return ShapeRules(None, "the policies cannot be read as nodes")
+    keep: set[str] = set()
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, pst.StringLit):
+            keep.add(node.value)
+        elif isinstance(node, pst.EntityUid):
+            keep.add(node.id)
+        elif isinstance(node, pst.Like):
+            return ShapeRules(None, "a policy uses `like`")
+        elif isinstance(node, pst.UnaryOp) and node.op in _PARSING_OPS and not isinstance(node.arg, pst.StringLit):
+            return ShapeRules(None, f"a policy applies {node.op}() to request data")
+        elif isinstance(node, pst.BinaryOp) and node.op in _TAG_OPS:
+            return ShapeRules(None, "a policy uses entity tags")
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (tuple, list)):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+    _strings_of(list(base_entities), keep)
+    if any(s.startswith(RENAMED) for s in keep):
+        return ShapeRules(None, "a kept string starts with NUL")
+    return ShapeRules(frozenset(keep))
+
+
+def _strings_of(value: Any, out: set[str]) -> None:
+    if isinstance(value, str):
+        out.add(value)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            out.add(str(k))
+            _strings_of(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _strings_of(v, out)
+
+
+_RENAMED = tuple(RENAMED + str(n) for n in range(256))
+
+
+def _name(s: str, keep: frozenset[str], names: dict[str, str]) -> str:
+    if s in keep:
+        return s
+    t = names.get(s)
+    if t is None:
+        n = len(names)
+        t = names[s] = _RENAMED[n] if n < 256 else RENAMED + str(n)
+    return t
+
+
+def _value(v: Any, keep: frozenset[str], names: dict[str, str]) -> Any:
+    """``v`` with its strings renamed; JSON tells bools, ints and floats apart, so the
+    dumped key does too (Python's ``True == 1`` never reaches the key)."""
+    t = type(v)
+    if t is str:
+        return _name(v, keep, names)
+    if t is bool or t is int or t is float or v is None:
+        return v
+    if t is list or t is tuple:
+        return [_value(x, keep, names) for x in v]
+    if t is dict:
+        return _record(v, keep, names)
+    raise _Shapeless
+
+
+def _record(d: dict[str, Any], keep: frozenset[str], names: dict[str, str]) -> dict[str, Any]:
+    """A record (entity attributes, context, a nested record) renamed; the flat loop is
+    the hot path (most values are plain strings, numbers and booleans)."""
+    if not _ESCAPES.isdisjoint(d):
+        raise _Shapeless
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        t = type(v)
+        if t is str:
+            if v in keep:
+                out[k] = v
+            else:
+                tok = names.get(v)
+                if tok is None:
+                    n = len(names)
+                    tok = names[v] = _RENAMED[n] if n < 256 else RENAMED + str(n)
+                out[k] = tok
+        elif t is bool or t is int:
+            out[k] = v
+        else:
+            out[k] = _value(v, keep, names)
+    return out
+
+
+def _uid(u: Any, keep: frozenset[str], names: dict[str, str]) -> tuple[str, str]:
+    if type(u) is not dict or len(u) != 2:
+        raise _Shapeless
+    typ, eid = u.get("type"), u.get("id")
+    if type(typ) is not str or type(eid) is not str:
+        raise _Shapeless
+    return typ, _name(eid, keep, names)
+
+
+_ENTITY_FIELDS = frozenset({"uid", "attrs", "parents"})
+
+
+def _entity(e: Mapping[str, Any], keep: frozenset[str], names: dict[str, str]) -> tuple[Any, ...]:
+    if not _ENTITY_FIELDS.issuperset(e):
+        raise _Shapeless  # tags, or anything Cedar might read that this does not model
+    attrs = e.get("attrs", {})
+    if type(attrs) is not dict:
+        raise _Shapeless
+    return (_uid(e.get("uid"), keep, names), _record(attrs, keep, names),
+            [_uid(p, keep, names) for p in e.get("parents", ())])
+
+
+def principal_shape(entity: Mapping[str, Any], keep: frozenset[str]) -> tuple[Any, dict[str, str]] | None:
+    """The renamed principal entity and the names it used (the start of every key for
+    this principal; memoized by the engine), or None if it is shapeless."""
+    names: dict[str, str] = {}
+    try:
+        return _entity(entity, keep, names), names
+    except _Shapeless:
+        return None
+
+
+def shape_key(principal: tuple[Any, dict[str, str]], *, rest: Sequence[Mapping[str, Any]],
+              action: Mapping[str, str], uids: Sequence[Mapping[str, str]], context: Mapping[str, Any],
+              keep: frozenset[str]) -> bytes | None:
+    """The key of a decision input: the renamed principal (from `principal_shape`), the
+    other entities, the action (as it is: it picks the policy slice), the request's
+    principal and resource uids (``uids``) and the context — each exactly as Cedar
+    receives it (trimmed). None if the input is shapeless."""
+    head, seen = principal
+    names = dict(seen)
+    try:
+        parts = (head, [_entity(e, keep, names) for e in rest], action.get("type"), action.get("id"),
+                 [_uid(u, keep, names) for u in uids], _value(context, keep, names))
+        return orjson.dumps(parts)
+    except (_Shapeless, orjson.JSONEncodeError):
+        return None
+
+
+__all__ = ["ShapeRules", "principal_shape", "shape_key", "shape_rules"]
