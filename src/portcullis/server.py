@@ -8,6 +8,7 @@ the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import signal
@@ -176,6 +177,18 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def freeze_startup_heap() -> None:
+    """Move everything built so far (modules, config, stages, policy state: ~120,000
+    objects) into the garbage collector's permanent generation, so that the full
+    collections a busy gateway triggers every few seconds scan only what was made since.
+    Measured on the decision endpoint: a full collection paused the event loop 40-70 ms
+    (p99 at load 42-59 ms), with the heap frozen under 2 ms (p99 17-18 ms); see
+    docs/benchmarks.md. Refcounting still frees frozen objects; only a reference cycle
+    among them is kept for the life of the process. The last start-up hook of `serve`."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None, *,
           reuse_port: bool = False, worker_index: int = 0) -> int:
     """Run until SIGTERM/SIGINT; the exit status for the CLI. As worker `worker_index` of
@@ -198,6 +211,7 @@ def serve(loaded: LoadedConfig, host: str | None = None, port: int | None = None
     except ValueError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    gw.app.startup_hooks.append(freeze_startup_heap)
     stop_metrics = start_metrics(gw, loaded)
     received: list[int] = []
     if threading.current_thread() is threading.main_thread():
