@@ -98,7 +98,9 @@ def test_rbac_allows_by_role_and_denies_without(penv: PEnv) -> None:
     assert event.reason == "policy.no_permit"
     assert event.extra["policy"]["policy_decision"] == "deny"
     ok = penv.as_("rita").request("GET", P)
-    assert find_audit_event(penv.gw, ok.headers["x-request-id"]).extra["policy"]["policies"] == ["read-projects"]
+    facts = find_audit_event(penv.gw, ok.headers["x-request-id"]).extra["policy"]
+    assert facts["policies"] == ["read-projects"]
+    assert facts["policy_cached"] is True  # rita's first read above decided it
 
 
 def test_bola_owner_only_writes_across_users_and_tenants(penv: PEnv) -> None:

@@ -856,6 +856,8 @@ def decision_facts(d: Decision) -> dict[str, Any]:
                            "policy_generation": d.generation}
     if d.errors:
         out["policy_errors"] = list(d.errors)[:5]
+    if d.cached:
+        out["policy_cached"] = True
     return out
 
 
