@@ -18,7 +18,8 @@ numbers, booleans, entity types, role parents, action, attribute names or kept s
 differ. Entity types and the ids of parents are never renamed (roles and actions are
 kept strings anyway). A value Cedar would read as something other than plain data (an
 ``__entity``/``__extn``/``__expr`` escape), a kept string that looks like a token, or an
-entity field other than ``uid``/``attrs``/``parents`` makes the input shapeless: it is
+entity field other than ``uid``/``attrs``/``parents``, or a nested record of just ``type``
+and ``id`` (an entity reference where a schema says so) makes the input shapeless: it is
 cached by its whole text, as before.
 
 The decision cache uses the shape as its key when the policy set allows it
@@ -124,6 +125,10 @@ def _value(v: Any, keep: frozenset[str], names: dict[str, str]) -> Any:
     if t is list or t is tuple:
         return [_value(x, keep, names) for x in v]
     if t is dict:
+        if v.keys() == {"type", "id"}:
+            # A record Cedar reads as a record without a schema, but as an entity reference
+            # where one declares it: its type must not be renamed, so no shape.
+            raise _Shapeless
         return _record(v, keep, names)
     raise _Shapeless
 

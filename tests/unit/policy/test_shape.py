@@ -167,8 +167,8 @@ def test_context_is_part_of_the_key() -> None:
 
 
 @pytest.mark.parametrize("value", [{"__entity": {"type": "User", "id": "x"}}, {"__extn": {"fn": "ip", "arg": "1"}},
-                                   {"__expr": "1"}])
-def test_escapes_are_shapeless(value: dict[str, Any]) -> None:
+                                   {"__expr": "1"}, {"type": "User", "id": "x"}, [{"type": "User", "id": "x"}]])
+def test_escapes_are_shapeless(value: Any) -> None:
     ps = principal_shape(ent("User", "bob", {"x": value}), KEEP)
     assert ps is None
     ok = principal_shape(ent("User", "bob", {}), KEEP)
