@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -37,7 +36,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ from portcullis.policy.mapping import (
 )
 from portcullis.policy.mapping import compact_json as _dumps
 from portcullis.policy.owners import Owner
-from portcullis.policy.shape import ShapeRules, principal_shape, shape_key, shape_rules
+from portcullis.policy.shape import ShapeRules, principal_shape, pst_children, shape_key, shape_rules
 
 log = logging.getLogger("portcullis.policy")
 
@@ -237,12 +236,8 @@ def _use_of(root: Any) -> AttributeUse:
                 whole_context = True  # e.g. `context == {...}`: keep every key
         elif isinstance(node, (pst.UnaryOp, pst.BinaryOp)) and node.op in ("get_tag", "has_tag"):
             return AttributeUse(None, None)  # tags are not attributes; stay out of the way
-        elif isinstance(node, Mapping):
-            stack.extend(node.values())
-        elif isinstance(node, (tuple, list)):
-            stack.extend(node)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+        else:
+            stack.extend(pst_children(node))
     return AttributeUse(None if whole_context else frozenset(ctx), frozenset(attrs))
 
 

@@ -58,6 +58,17 @@ class _Shapeless(Exception):
     """The input cannot be renamed safely: key it by its whole text."""
 
 
+def pst_children(node: Any) -> list[Any]:
+    """What lies directly under a `cedarpy.pst` node, or in a mapping or sequence of them."""
+    if isinstance(node, Mapping):
+        return list(node.values())
+    if isinstance(node, (tuple, list)):
+        return list(node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [getattr(node, f.name) for f in dataclasses.fields(node)]
+    return []
+
+
 def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeRules:
     """The rules for the policy set whose `cedarpy.pst` nodes are ``root`` (None: the
     set could not be read as nodes, so no shapes) over ``base_entities`` (Cedar JSON)."""
@@ -77,12 +88,7 @@ def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeR
             return ShapeRules(None, f"a policy applies {node.op}() to request data")
         elif isinstance(node, pst.BinaryOp) and node.op in _TAG_OPS:
             return ShapeRules(None, "a policy uses entity tags")
-        if isinstance(node, Mapping):
-            stack.extend(node.values())
-        elif isinstance(node, (tuple, list)):
-            stack.extend(node)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node))
+        stack.extend(pst_children(node))
     _strings_of(list(base_entities), keep)
     if any(s.startswith(RENAMED) for s in keep):
         return ShapeRules(None, "a kept string starts with NUL")
@@ -206,4 +212,4 @@ def shape_key(principal: tuple[Any, dict[str, str]], *, rest: Sequence[Mapping[s
         return None
 
 
-__all__ = ["ShapeRules", "principal_shape", "shape_key", "shape_rules"]
+__all__ = ["ShapeRules", "principal_shape", "pst_children", "shape_key", "shape_rules"]
