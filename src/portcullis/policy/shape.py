@@ -15,8 +15,10 @@ token numbered by first appearance (``"\\x00" + n``), so ``alice`` editing her o
 project ``p1`` and ``bob`` editing his own ``p9`` have one key, while ``bob`` editing
 ``alice``'s project (owner and subject differ) has another, and so has anything whose
 numbers, booleans, entity types, role parents, action, attribute names or kept strings
-differ. Entity types and the ids of parents are never renamed (roles and actions are
-kept strings anyway). A value Cedar would read as something other than plain data (an
+differ. Entity types are never renamed; entity ids (the request's entities and their
+parents) are renamed like any other string unless kept — the configured roles and the
+actions are base entities, so their ids always are. The base entity store holds kept
+strings only, so the renaming maps it onto itself. A value Cedar would read as something other than plain data (an
 ``__entity``/``__extn``/``__expr`` escape), a kept string that looks like a token, or an
 entity field other than ``uid``/``attrs``/``parents``, or a nested record of just ``type``
 and ``id`` (an entity reference where a schema says so) makes the input shapeless: it is
