@@ -18,11 +18,14 @@ numbers, booleans, entity types, role parents, action, attribute names or kept s
 differ. Entity types are never renamed; entity ids (the request's entities and their
 parents) are renamed like any other string unless kept — the configured roles and the
 actions are base entities, so their ids always are. The base entity store holds kept
-strings only, so the renaming maps it onto itself. A value Cedar would read as something other than plain data (an
-``__entity``/``__extn``/``__expr`` escape), a kept string that looks like a token, or an
-entity field other than ``uid``/``attrs``/``parents``, or a nested record of just ``type``
-and ``id`` (an entity reference where a schema says so) makes the input shapeless: it is
-cached by its whole text, as before.
+strings only, so the renaming maps it onto itself.
+
+An input gets no shape (it is cached by its whole text, as before) when it holds a value
+Cedar would read as more than plain data (an ``__entity``/``__extn``/``__expr`` escape,
+or a nested record of just ``type`` and ``id``, an entity reference where a schema says
+so) or an entity field other than ``uid``/``attrs``/``parents`` (tags). A policy set gets
+no shapes at all when it reads string content as above, or names a string starting with
+NUL (the renamed strings' prefix).
 
 The decision cache uses the shape as its key when the policy set allows it
 (`ShapeRules.keep` is not None); tests compare shape-cached decisions with fresh
@@ -41,7 +44,23 @@ from cedarpy import pst
 
 # Extension constructors parse their string argument: on request data they read content.
 _PARSING_OPS = frozenset({"ip", "decimal", "datetime", "duration"})
+# The operators known not to read string content (equality, logic, arithmetic, set
+# membership, and methods of extension values, which only literals can make here). An
+# operator outside these lists (a newer Cedar's) turns shapes off until it is reviewed.
+_SAFE_UNARY = frozenset({"not", "neg", "is_empty", "is_ipv4", "is_ipv6", "is_loopback", "is_multicast",
+                         "to_date", "to_time", "to_milliseconds", "to_seconds", "to_minutes", "to_hours",
+                         "to_days"})
+_SAFE_BINARY = frozenset({"eq", "not_eq", "less", "less_eq", "greater", "greater_eq", "and", "or", "add",
+                          "sub", "mul", "in", "contains", "contains_all", "contains_any", "is_in_range",
+                          "offset", "duration_since", "decimal_less_than", "decimal_less_eq",
+                          "decimal_greater", "decimal_greater_eq"})
 _TAG_OPS = frozenset({"get_tag", "has_tag"})
+# Every node class of `cedarpy.pst` but `Like`; anything else turns shapes off.
+_KNOWN_NODES = (pst.ActionEq, pst.ActionIn, pst.BinaryOp, pst.BoolLit, pst.EntityLit, pst.EntityType,
+                pst.EntityUid, pst.GetAttr, pst.HasAttr, pst.IfThenElse, pst.Is, pst.LongLit, pst.PolicySet,
+                pst.Record, pst.ScopeAny, pst.ScopeEq, pst.ScopeIn, pst.ScopeIs, pst.ScopeIsIn, pst.Set,
+                pst.Slot, pst.StringLit, pst.Template, pst.TemplateLink, pst.UnaryOp, pst.Unless, pst.Var,
+                pst.When)
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
 RENAMED = "\x00"  # a renamed string is this and its number
 
@@ -86,10 +105,17 @@ def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeR
             keep.add(node.id)
         elif isinstance(node, pst.Like):
             return ShapeRules(None, "a policy uses `like`")
-        elif isinstance(node, pst.UnaryOp) and node.op in _PARSING_OPS and not isinstance(node.arg, pst.StringLit):
-            return ShapeRules(None, f"a policy applies {node.op}() to request data")
-        elif isinstance(node, pst.BinaryOp) and node.op in _TAG_OPS:
-            return ShapeRules(None, "a policy uses entity tags")
+        elif isinstance(node, pst.UnaryOp) and node.op not in _SAFE_UNARY:
+            if node.op not in _PARSING_OPS:
+                return ShapeRules(None, f"a policy uses the operator {node.op!r}, not reviewed for shapes")
+            if not isinstance(node.arg, pst.StringLit):
+                return ShapeRules(None, f"a policy applies {node.op}() to request data")
+        elif isinstance(node, pst.BinaryOp) and node.op not in _SAFE_BINARY:
+            if node.op in _TAG_OPS:
+                return ShapeRules(None, "a policy uses entity tags")
+            return ShapeRules(None, f"a policy uses the operator {node.op!r}, not reviewed for shapes")
+        elif dataclasses.is_dataclass(node) and not isinstance(node, _KNOWN_NODES):
+            return ShapeRules(None, f"a policy has a {type(node).__name__} node, not reviewed for shapes")
         stack.extend(pst_children(node))
     _strings_of(list(base_entities), keep)
     if any(s.startswith(RENAMED) for s in keep):

@@ -5,6 +5,7 @@ literals, with each other and across tenants and owners."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,23 @@ def test_rules_keep_literals_entity_ids_and_base_strings() -> None:
 def test_rules_refuse_policies_that_read_string_content(text: str, why: str) -> None:
     r = rules_of(text)
     assert r.keep is None and why.rstrip("()") in r.reason
+
+
+def test_unknown_operators_and_nodes_turn_shapes_off() -> None:
+    root = cedarpy.PolicySet.from_str('permit (principal, action, resource) when { principal.a == "x" };').to_pst()
+    tpl = next(iter(root.static_policies.values()))
+    clause: Any = tpl.clauses[0]  # nodes a newer cedarpy could produce: outside pst's types
+    odd_op = dataclasses.replace(clause, expr=dataclasses.replace(clause.expr, op="string_concat"))
+    r = shape_rules(dataclasses.replace(tpl, clauses=(odd_op,)), [])
+    assert r.keep is None and "string_concat" in r.reason
+
+    @dataclasses.dataclass(frozen=True)
+    class NewNode:
+        arg: object
+
+    odd_node = dataclasses.replace(clause, expr=NewNode(clause.expr))
+    r = shape_rules(dataclasses.replace(tpl, clauses=(odd_node,)), [])
+    assert r.keep is None and "NewNode" in r.reason
 
 
 def test_extension_constructors_on_literals_are_fine() -> None:
