@@ -112,11 +112,7 @@ class GatewayApp:
             else:
                 await self._send_upstream(ex, send)
         finally:
-            for done in self._completions:
-                try:
-                    done(ex)
-                except Exception as exc:  # a completion must never break the others
-                    log.error("completion failed: %s", type(exc).__name__)
+            self._complete(ex)
 
     def refuse_malformed(self, peer: str) -> tuple[str, bytes]:
         """Record a request the HTTP parser refused before the app saw it (smuggling
@@ -125,18 +121,35 @@ class GatewayApp:
         Runs the completion stages (audit, metrics) on a minimal exchange so every
         denial is audited, as DESIGN.md requires, not just those the stages make.
         """
-        ex = Exchange(scope={"type": "http"}, receive=_no_body, method="", raw_path=b"", query=b"",
-                      headers=[], request_id=self._new_id(), client_ip=peer)
         problem = Problem(400, "bad-request", "http.malformed", "The request is not valid HTTP/1.1.")
-        ex.status, ex.decision, ex.reason = 400, "deny", problem.reason
+        ex = self._refusal(peer, 400, problem.reason)
         body = problem.body(ex.request_id)
         ex.bytes_out = len(body)
+        self._complete(ex)
+        return ex.request_id, body
+
+    def refuse_tls(self, peer: str, reason: str, detail: str) -> str:
+        """Record a connection whose TLS handshake failed (``reason``: `tls.handshake_failed`
+        or `tls.handshake_timeout`; ``detail``: OpenSSL's reason, e.g. `HTTP_REQUEST`,
+        `PEER_DID_NOT_RETURN_A_CERTIFICATE`). No HTTP was spoken, so status 0. Returns the
+        event's request id."""
+        ex = self._refusal(peer, 0, reason)
+        ex.facts["tls"] = {"error": detail[:200]}
+        self._complete(ex)
+        return ex.request_id
+
+    def _refusal(self, peer: str, status: int, reason: str) -> Exchange:
+        ex = Exchange(scope={"type": "http"}, receive=_no_body, method="", raw_path=b"", query=b"",
+                      headers=[], request_id=self._new_id(), client_ip=peer)
+        ex.status, ex.decision, ex.reason = status, "deny", reason
+        return ex
+
+    def _complete(self, ex: Exchange) -> None:
         for done in self._completions:
             try:
                 done(ex)
-            except Exception as exc:
+            except Exception as exc:  # a completion must never break the others
                 log.error("completion failed: %s", type(exc).__name__)
-        return ex.request_id, body
 
     async def _send_problem(self, ex: Exchange, problem: Problem, send: Send) -> None:
         body = problem.body(ex.request_id)

@@ -8,11 +8,14 @@ the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import functools
 import gc
 import importlib.util
 import logging
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,9 +38,46 @@ def _loop() -> str:
     return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
-def audited_http_protocol(app: GatewayApp, rid_header: bytes) -> type[HttpToolsProtocol]:
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS protocol the loop itself runs for `create_server(ssl=...)`: uvloop's own
+    under uvloop, asyncio's otherwise (the same code, so the same speed)."""
+    try:
+        import uvloop
+        import uvloop.loop as uvloop_loop
+
+        cls = getattr(uvloop_loop, "SSLProtocol", None)  # not in uvloop's stubs
+        if cls is not None and isinstance(loop, uvloop.Loop):
+            return cls
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+    return asyncio.sslproto.SSLProtocol
+
+
+def _handshake_done(app: GatewayApp, peer: str, fut: asyncio.Future[Any]) -> None:
+    """Audit a failed TLS handshake: an OpenSSL error (`tls.handshake_failed`, its reason:
+    `HTTP_REQUEST` for plain HTTP, `UNSUPPORTED_PROTOCOL`, `PEER_DID_NOT_RETURN_A_CERTIFICATE`,
+    `TLSV1_ALERT_UNKNOWN_CA`...) or the handshake timeout (`tls.handshake_timeout`). A peer
+    that closes before finishing the handshake (a load balancer's TCP probe) did nothing
+    and is not audited."""
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is None:
+        return
+    if isinstance(exc, ssl.SSLError):
+        app.refuse_tls(peer, "tls.handshake_failed", str(exc.reason or type(exc).__name__))
+    elif isinstance(exc, ConnectionAbortedError):  # sslproto's handshake timeout
+        app.refuse_tls(peer, "tls.handshake_timeout", "handshake timeout")
+    else:
+        log.debug("TLS connection from %s closed before the handshake: %s", peer, type(exc).__name__)
+
+
+def audited_http_protocol(app: GatewayApp, rid_header: bytes, tls: ssl.SSLContext | None = None,
+                          handshake_timeout: float = 10.0) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, but a request its parser refuses gets an audited
-    RFC 9457 problem instead of uvicorn's plain-text 400."""
+    RFC 9457 problem instead of uvicorn's plain-text 400. With ``tls``, the protocol
+    terminates TLS itself (uvicorn is given no SSL context), so that a failed handshake is
+    seen with the client's address and audited (`_handshake_done`)."""
 
     class PortcullisHttpProtocol(HttpToolsProtocol):
         _tls: dict[str, Any] | None = None
@@ -62,7 +102,30 @@ def audited_http_protocol(app: GatewayApp, rid_header: bytes) -> type[HttpToolsP
             )))
             self.transport.close()
 
-    return PortcullisHttpProtocol
+    if tls is None:
+        return PortcullisHttpProtocol
+
+    class PortcullisTlsProtocol(PortcullisHttpProtocol):
+        _tls_started = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if self._tls_started:  # the second call: the handshake is done, HTTP starts
+                super().connection_made(transport)
+                return
+            # The first call, with the TCP transport: put the loop's TLS protocol between
+            # it and this one, now, before any byte is read (what create_server(ssl=...)
+            # does, plus a waiter that reports how the handshake ended).
+            self._tls_started = True
+            peer = transport.get_extra_info("peername")
+            waiter = self.loop.create_future()
+            sslp = _ssl_protocol_class(self.loop)(self.loop, self, tls, waiter, server_side=True,
+                                                 ssl_handshake_timeout=handshake_timeout)
+            transport.set_protocol(sslp)
+            sslp.connection_made(transport)
+            waiter.add_done_callback(functools.partial(
+                _handshake_done, app, str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"))  # noqa: S104
+
+    return PortcullisTlsProtocol
 
 
 def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port: int | None = None) -> uvicorn.Server:
@@ -75,7 +138,8 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
         host=host or srv.listen.host,
         port=srv.listen.port if port is None else port,
         loop=_loop(),
-        http=audited_http_protocol(gw.app, gw.app.request_id_header),
+        http=audited_http_protocol(gw.app, gw.app.request_id_header, ctx,
+                                   tls.handshake_timeout_seconds if tls else 10.0),
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -84,7 +148,6 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
         timeout_graceful_shutdown=srv.shutdown_grace_seconds,
         timeout_keep_alive=srv.keep_alive_seconds,
         ws="none",
-        ssl_context_factory=(lambda _cfg, _default: ctx) if ctx is not None else None,
     )
     if gw.decision_app is not None:
         _attach_decision_listener(gw, loaded, srv.listen.port if port is None else port)

@@ -32,6 +32,7 @@ class TlsConfig(BaseModel):
     client_certificates: Literal["none", "optional", "required"] = "none"
     hsts_max_age_seconds: int = Field(default=31_536_000, ge=0, le=63_072_000)
     hsts_include_subdomains: bool = False
+    handshake_timeout_seconds: float = Field(default=10.0, ge=0.5, le=120.0)
 
     @model_validator(mode="after")
     def _check(self) -> TlsConfig:

@@ -18,7 +18,7 @@ from portcullis.problems import Problem
 
 log = logging.getLogger("portcullis.audit")
 _EXTRA_FACTS = ("oauth", "forward_auth", "policy", "rate_limit", "retries", "response_too_large", "upstream_body_error",
-                "client_disconnected")
+                "client_disconnected", "tls")
 
 
 class RecordStage:
