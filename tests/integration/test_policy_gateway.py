@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,6 +102,22 @@ def test_rbac_allows_by_role_and_denies_without(penv: PEnv) -> None:
     facts = find_audit_event(penv.gw, ok.headers["x-request-id"]).extra["policy"]
     assert facts["policies"] == ["read-projects"]
     assert facts["policy_cached"] is True  # rita's first read above decided it
+
+
+def test_one_decision_serves_every_input_of_its_shape_and_no_other(penv: PEnv) -> None:
+    def facts(r: Any) -> dict[str, Any]:
+        policy: dict[str, Any] = find_audit_event(penv.gw, r.headers["x-request-id"]).extra["policy"]
+        return policy
+
+    own = penv.as_("alice").request("GET", f"{P}/prj_ac000001")  # an editor reads her own project
+    assert own.status == 200
+    # bob, another editor, reads his own: the same shape, answered from alice's decision.
+    his = penv.as_("bob").request("GET", f"{P}/prj_ac000002")
+    assert his.status == 200 and facts(his)["policy_cached"] is True
+    assert facts(his)["policies"] == facts(own)["policies"]
+    # bob deleting alice's project is another relation (owner is not the caller): refused.
+    probe = penv.as_("bob").request("DELETE", f"{P}/prj_ac000001")
+    assert probe.status == 403 and facts(probe)["policies"] == ["portcullis.owner_only_writes"]
 
 
 def test_bola_owner_only_writes_across_users_and_tenants(penv: PEnv) -> None:
