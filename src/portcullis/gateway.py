@@ -25,7 +25,7 @@ from portcullis.governance.service import Governance, open_governance
 from portcullis.netutil import TrustedProxies
 from portcullis.oauth import tokens
 from portcullis.oauth.service import AuthServer, build_auth_server
-from portcullis.observe import Metrics, MetricsStage
+from portcullis.observe import Metrics, MetricsStage, PolicyCounters
 from portcullis.pipeline import CompletionStage, Pipeline, Stage
 from portcullis.policy.engine import PolicyEngine
 from portcullis.policy.owners import AnyOwnerSource, UpstreamOwnerSource, build_owner_source
@@ -355,6 +355,8 @@ def build_gateway(loaded: LoadedConfig, *, rates: RateBackend | None = None,
     if cfg.server.tls is not None and cfg.server.tls.hsts_max_age_seconds:
         app.static_headers.append((b"strict-transport-security", cfg.server.tls.hsts()))
     metrics.info.labels(version=__version__).set(1)
+    if engine is not None:
+        metrics.registry.register(PolicyCounters(engine))
 
     stop_watch = asyncio.Event()
     watch_tasks: list[asyncio.Task[None]] = []

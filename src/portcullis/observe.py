@@ -7,14 +7,29 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from portcullis.exchange import Exchange
+
+
+class PolicyStats(Protocol):
+    """What `PolicyCounters` reads of the policy engine."""
+
+    hits: int
+    shape_hits: int
+    evaluations: int
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def shapes(self) -> bool: ...
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -52,6 +67,27 @@ class RequestCounters(Collector):
                 buckets.append((bound, cumulative))
             lat.add_metric([route], buckets, sums.get(route, 0.0))
         return [req, den, lat]
+
+
+class PolicyCounters(Collector):
+    """The policy engine's counters, read at scrape time (`PolicyEngine.hits`...)."""
+
+    def __init__(self, engine: PolicyStats) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        e = self._engine
+        dec = CounterMetricFamily("portcullis_policy_decisions",
+                                  "Policy decisions by what answered: the decision cache (by the whole input "
+                                  "or by shape) or a Cedar evaluation", labels=["source"])
+        dec.add_metric(["cache_input"], e.hits - e.shape_hits)
+        dec.add_metric(["cache_shape"], e.shape_hits)
+        dec.add_metric(["cedar"], e.evaluations)
+        gen = GaugeMetricFamily("portcullis_policy_generation", "The loaded policy set's generation")
+        gen.add_metric([], e.generation)
+        shp = GaugeMetricFamily("portcullis_policy_shapes", "1 when the decision cache keys by shape")
+        shp.add_metric([], 1 if e.shapes else 0)
+        return [dec, gen, shp]
 
 
 class Metrics:

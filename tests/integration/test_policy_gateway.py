@@ -5,6 +5,7 @@ refusing a policy that does not fit the schema."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from portcullis.demo.run import demo_config
 from portcullis.demo.upstream import UpstreamThread
@@ -109,12 +111,21 @@ def test_one_decision_serves_every_input_of_its_shape_and_no_other(penv: PEnv) -
         policy: dict[str, Any] = find_audit_event(penv.gw, r.headers["x-request-id"]).extra["policy"]
         return policy
 
+    def counted() -> dict[str, float]:
+        text = generate_latest(penv.gw.gw.metrics.registry).decode()
+        found = re.findall(r'^portcullis_policy_decisions_total\{source="(\w+)"\} (\S+)$', text, re.M)
+        assert "portcullis_policy_shapes 1.0" in text
+        return {k: float(v) for k, v in found}
+
     own = penv.as_("alice").request("GET", f"{P}/prj_ac000001")  # an editor reads her own project
     assert own.status == 200
+    before = counted()
     # bob, another editor, reads his own: the same shape, answered from alice's decision.
     his = penv.as_("bob").request("GET", f"{P}/prj_ac000002")
     assert his.status == 200 and facts(his)["policy_cached"] is True
     assert facts(his)["policies"] == facts(own)["policies"]
+    after = counted()
+    assert after["cache_shape"] == before["cache_shape"] + 1 and after["cedar"] == before["cedar"]
     # bob deleting alice's project is another relation (owner is not the caller): refused.
     probe = penv.as_("bob").request("DELETE", f"{P}/prj_ac000001")
     assert probe.status == 403 and facts(probe)["policies"] == ["portcullis.owner_only_writes"]

@@ -606,8 +606,12 @@ class PolicyEngine:
         self._reload_lock = threading.Lock()
         self._snapshot = self._stat()
         self.last_problems: tuple[PolicyProblem, ...] = ()
+        # Counters (read by the metrics collector): cache hits in all, those by shape, and
+        # decisions Cedar evaluated through `decide` (errors included; misses: those cached).
         self.hits = 0
+        self.shape_hits = 0
         self.misses = 0
+        self.evaluations = 0
 
     # -- state -------------------------------------------------------------------
 
@@ -615,6 +619,11 @@ class PolicyEngine:
     def generation(self) -> int:
         """Changes whenever policies, schema or entities (roles) change."""
         return self._state.generation
+
+    @property
+    def shapes(self) -> bool:
+        """Whether the current policy set lets the decision cache key by shape."""
+        return self._state.shape.keep is not None
 
     @property
     def mapper(self) -> RequestMapper:
@@ -663,10 +672,13 @@ class PolicyEngine:
                 if hit is not None:
                     self._cache.move_to_end(keys[0])
                     self.hits += 1
+                    self.shape_hits += 1
             if hit is not None:
                 self._remember(keys[1:], hit)  # this input again: no renaming needed
                 return hit
         decision = self._evaluate(st, inp, prep)
+        with self._lock:
+            self.evaluations += 1
         if not decision.errors:
             with self._lock:
                 self.misses += 1
