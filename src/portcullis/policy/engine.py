@@ -58,7 +58,15 @@ from portcullis.policy.mapping import (
 )
 from portcullis.policy.mapping import compact_json as _dumps
 from portcullis.policy.owners import Owner
-from portcullis.policy.shape import ShapeRules, principal_shape, pst_children, shape_key, shape_rules
+from portcullis.policy.shape import (
+    RENAMED,
+    ShapeRules,
+    principal_shape,
+    pst_children,
+    read_strings,
+    shape_key,
+    shape_rules,
+)
 
 log = logging.getLogger("portcullis.policy")
 
@@ -755,11 +763,26 @@ class PolicyEngine:
     @staticmethod
     def _shape(st: _State, inp: DecisionInput, prep: _Prepared) -> bytes | None:
         keep = st.shape.keep
-        if keep is None or prep.principal.shape is None:
+        head = prep.principal.shape
+        if keep is None or head is None:
             return None
-        return shape_key(prep.principal.shape, rest=prep.rest, action=inp.action,
-                         uids=(inp.principal, inp.resource),
-                         context=inp.context if prep.context is None else prep.context, keep=keep)
+        ctx = inp.context if prep.context is None else prep.context
+        if st.shape.read:
+            # Strings whose content a policy reads stay as they are, everywhere in the key;
+            # then the principal's memoized renaming may not fit: redo it with them kept.
+            if prep.principal.trimmed.get("uid") != inp.principal:
+                return None  # the principal's attributes are not where they are looked for
+            resource = next((e for e in prep.rest if e.get("uid") == inp.resource), None)
+            extra = read_strings(st.shape.read, prep.principal.trimmed, resource, ctx) - keep
+            if extra:
+                if any(s.startswith(RENAMED) for s in extra):
+                    return None
+                keep = keep | extra
+                head = principal_shape(prep.principal.trimmed, keep)
+                if head is None:
+                    return None
+        return shape_key(head, rest=prep.rest, action=inp.action, uids=(inp.principal, inp.resource),
+                         context=ctx, keep=keep)
 
     def _entities(self, st: _State, inp: DecisionInput, prep: _Prepared) -> cedarpy.Entities:
         """Base + the input's trimmed entities as a handle. Per state, a bounded LRU keeps

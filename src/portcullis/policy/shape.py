@@ -1,14 +1,17 @@
 """Decision shapes: one cached decision for every input Cedar cannot tell apart.
 
 Cedar compares the strings of a request only for equality: with each other, with the
-policies' literals, as set members and as entity ids. It reads their content in four
+policies' literals, as set members and as entity ids. It reads their content in three
 places only: ``like`` patterns, the extension constructors (``ip``, ``decimal``,
 ``datetime``, ``duration``) applied to a non-literal, and entity tags (``getTag``/
-``hasTag`` take a string key). So when a policy set uses none of those on request data,
-renaming the request's strings one-to-one — leaving every string the policies or the
-base entities (roles, actions) name untouched — changes no decision, reason or error:
-the evaluation of the renamed request is the evaluation of the original with the names
-swapped. (Cedar has no ordering, length, prefix or concatenation on strings.)
+``hasTag`` take a string key). So renaming the request's strings one-to-one — leaving
+untouched every string the policies or the base entities (roles, actions) name, and
+every string found at an attribute whose content a policy reads (``principal.email like
+"*@acme.com"``, ``ip(context.client_ip)``: `ShapeRules.read`) — changes no decision,
+reason or error: the evaluation of the renamed request is the evaluation of the
+original with the names swapped. (Cedar has no ordering, length, prefix or concatenation
+on strings.) A policy set that reads content it cannot trace to an attribute (``like``
+on a computed value, tags) gets no shapes.
 
 `shape_key` is that renaming made canonical: each string outside the kept set becomes a
 token numbered by first appearance (``"\\x00" + n``), so ``alice`` editing her own
@@ -55,12 +58,13 @@ _SAFE_BINARY = frozenset({"eq", "not_eq", "less", "less_eq", "greater", "greater
                           "offset", "duration_since", "decimal_less_than", "decimal_less_eq",
                           "decimal_greater", "decimal_greater_eq"})
 _TAG_OPS = frozenset({"get_tag", "has_tag"})
-# Every node class of `cedarpy.pst` but `Like`; anything else turns shapes off.
-_KNOWN_NODES = (pst.ActionEq, pst.ActionIn, pst.BinaryOp, pst.BoolLit, pst.EntityLit, pst.EntityType,
+# Every node class of `cedarpy.pst` (`Like` has a branch of its own); anything else turns
+# shapes off.
+_KNOWN_NODES = (pst.ActionEq, pst.ActionIn, pst.BinaryOp, pst.BoolLit, pst.Char, pst.EntityLit, pst.EntityType,
                 pst.EntityUid, pst.GetAttr, pst.HasAttr, pst.IfThenElse, pst.Is, pst.LongLit, pst.PolicySet,
                 pst.Record, pst.ScopeAny, pst.ScopeEq, pst.ScopeIn, pst.ScopeIs, pst.ScopeIsIn, pst.Set,
                 pst.Slot, pst.StringLit, pst.Template, pst.TemplateLink, pst.UnaryOp, pst.Unless, pst.Var,
-                pst.When)
+                pst.When, pst.Wildcard)
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
 RENAMED = "\x00"  # a renamed string is this and its number
 
@@ -69,10 +73,14 @@ RENAMED = "\x00"  # a renamed string is this and its number
 class ShapeRules:
     """``keep``: the strings that stay as they are in a shape key (every string literal
     and entity id the policies name, every string of the base entities); None when the
-    policy set reads string content, with ``reason`` saying where."""
+    policy set reads string content where it cannot be traced, with ``reason`` saying
+    where. ``read``: the attributes whose content the policies do read (``like``, an
+    extension constructor), as (``principal``|``resource``|``context``|``action``, path):
+    their strings are kept as they are in every key (`read_strings`)."""
 
     keep: frozenset[str] | None
     reason: str = ""
+    read: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
 
 
 class _Shapeless(Exception):
@@ -96,6 +104,7 @@ def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeR
     if root is None:
         return ShapeRules(None, "the policies cannot be read as nodes")
     keep: set[str] = set()
+    read: set[tuple[str, tuple[str, ...]]] = set()
     stack: list[Any] = [root]
     while stack:
         node = stack.pop()
@@ -104,12 +113,18 @@ def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeR
         elif isinstance(node, pst.EntityUid):
             keep.add(node.id)
         elif isinstance(node, pst.Like):
-            return ShapeRules(None, "a policy uses `like`")
+            path = _attribute_path(node.base)
+            if path is None:
+                return ShapeRules(None, "a policy uses `like` on something other than an attribute")
+            read.add(path)
         elif isinstance(node, pst.UnaryOp) and node.op not in _SAFE_UNARY:
             if node.op not in _PARSING_OPS:
                 return ShapeRules(None, f"a policy uses the operator {node.op!r}, not reviewed for shapes")
             if not isinstance(node.arg, pst.StringLit):
-                return ShapeRules(None, f"a policy applies {node.op}() to request data")
+                path = _attribute_path(node.arg)
+                if path is None:
+                    return ShapeRules(None, f"a policy applies {node.op}() to something other than an attribute")
+                read.add(path)
         elif isinstance(node, pst.BinaryOp) and node.op not in _SAFE_BINARY:
             if node.op in _TAG_OPS:
                 return ShapeRules(None, "a policy uses entity tags")
@@ -120,7 +135,38 @@ def shape_rules(root: Any, base_entities: Iterable[Mapping[str, Any]]) -> ShapeR
     _strings_of(list(base_entities), keep)
     if any(s.startswith(RENAMED) for s in keep):
         return ShapeRules(None, "a kept string starts with NUL")
-    return ShapeRules(frozenset(keep))
+    return ShapeRules(frozenset(keep), read=frozenset(read))
+
+
+def _attribute_path(expr: Any) -> tuple[str, tuple[str, ...]] | None:
+    """``principal.a.b`` as ("principal", ("a", "b")); None for anything else (a value
+    computed some other way could come from anywhere in the request)."""
+    names: list[str] = []
+    while isinstance(expr, pst.GetAttr):
+        names.append(expr.attr)
+        expr = expr.base
+    if names and isinstance(expr, pst.Var) and expr.name in ("principal", "resource", "context", "action"):
+        return expr.name, tuple(reversed(names))
+    return None
+
+
+def read_strings(read: Iterable[tuple[str, tuple[str, ...]]], principal: Mapping[str, Any] | None,
+                 resource: Mapping[str, Any] | None, context: Mapping[str, Any]) -> frozenset[str]:
+    """Every string at the attributes in ``read`` of this request (the principal and
+    resource entities as Cedar JSON, the context): the strings whose content the
+    policies read, which a shape key must keep as they are, wherever they appear.
+    (``action`` attributes come from the base entities, whose strings are kept anyway.)"""
+    out: set[str] = set()
+    roots = {"principal": principal.get("attrs") if principal is not None else None,
+             "resource": resource.get("attrs") if resource is not None else None,
+             "context": context}
+    for var, path in read:
+        v: Any = roots.get(var)
+        for name in path:
+            v = v.get(name) if isinstance(v, Mapping) else None
+        if v is not None:
+            _strings_of(v, out)
+    return frozenset(out)
 
 
 def _strings_of(value: Any, out: set[str]) -> None:
@@ -240,4 +286,4 @@ def shape_key(principal: tuple[Any, dict[str, str]], *, rest: Sequence[Mapping[s
         return None
 
 
-__all__ = ["ShapeRules", "principal_shape", "pst_children", "shape_key", "shape_rules"]
+__all__ = ["RENAMED", "ShapeRules", "principal_shape", "pst_children", "read_strings", "shape_key", "shape_rules"]
