@@ -26,9 +26,10 @@ strings only, so the renaming maps it onto itself.
 An input gets no shape (it is cached by its whole text, as before) when it holds a value
 Cedar would read as more than plain data (an ``__entity``/``__extn``/``__expr`` escape,
 or a nested record of just ``type`` and ``id``, an entity reference where a schema says
-so) or an entity field other than ``uid``/``attrs``/``parents`` (tags). A policy set gets
-no shapes at all when it reads string content as above, or names a string starting with
-NUL (the renamed strings' prefix).
+so), an entity field other than ``uid``/``attrs``/``parents`` (tags), or a read string
+starting with NUL. A policy set gets no shapes at all when it reads string content it
+cannot trace to an attribute, uses an operator or node not on the reviewed lists below,
+or names a string starting with NUL (the renamed strings' prefix).
 
 The decision cache uses the shape as its key when the policy set allows it
 (`ShapeRules.keep` is not None); tests compare shape-cached decisions with fresh
