@@ -115,6 +115,9 @@ def check(config: Annotated[Path, typer.Argument(help="Config file to validate."
         raise typer.Exit(1) from None
     if engine is not None:
         typer.echo(f"{config}: policies ok (generation {engine.generation})")
+        if not engine.shapes:
+            # Not a problem, a cost: every new user or object is a Cedar evaluation.
+            typer.echo(f"{config}: note: the decision cache keys by whole inputs only: {engine.shapes_reason}")
     typer.echo(f"{config}: ok ({len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams, "
                f"{len(cfg.rate_limits)} rate limits)")
 

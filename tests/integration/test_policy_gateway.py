@@ -218,6 +218,20 @@ def test_check_refuses_a_policy_that_does_not_fit_the_schema(penv: PEnv, tmp_pat
     assert "typo.cedar:1" in res.stderr and "list-projectz" in res.stderr
 
 
+def test_check_notes_a_policy_set_that_turns_shapes_off(penv: PEnv, tmp_path: Path) -> None:
+    assert "note:" not in cli("check", str(penv.config)).stdout
+    d = tmp_path / "policies"
+    d.mkdir()
+    (d / "rbac.cedar").write_text(RBAC + "\nforbid (principal, action, resource) when "
+                                  '{ (if context.write then principal.subject else principal.tenant) like "z*" };\n')
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(penv.config.read_text().replace(str(penv.data_dir), str(tmp_path / "data")))
+    res = cli("check", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "note: the decision cache keys by whole inputs only: a policy uses `like` on something other " \
+           "than an attribute" in res.stdout
+
+
 def test_four_eyes_policy_change_checked_against_the_schema_then_enforced(penv: PEnv, tmp_path: Path) -> None:
     import json
 

@@ -634,6 +634,11 @@ class PolicyEngine:
         return self._state.shape.keep is not None
 
     @property
+    def shapes_reason(self) -> str:
+        """Why it does not ("" when it does)."""
+        return self._state.shape.reason
+
+    @property
     def mapper(self) -> RequestMapper:
         return self._state.mapper
 
