@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvicorn
@@ -151,7 +151,27 @@ def make_server(gw: Gateway, loaded: LoadedConfig, host: str | None = None, port
     )
     if gw.decision_app is not None:
         _attach_decision_listener(gw, loaded, srv.listen.port if port is None else port)
-    return uvicorn.Server(config)
+    server = _Server(config)
+    server.tls = ctx is not None
+    return server
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose start-up line names the scheme the listener speaks: TLS is
+    terminated in the protocol (`audited_http_protocol`), so uvicorn itself would say
+    http."""
+
+    tls = False
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        if not self.tls or self.config.fd is not None or self.config.uds is not None:
+            super()._log_started_message(listeners)
+            return
+        host = self.config.host
+        port = self.config.port or listeners[0].getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        logging.getLogger("uvicorn.error").info("Uvicorn running on https://%s:%d (Press CTRL+C to quit)",
+                                                shown, port)
 
 
 def _attach_decision_listener(gw: Gateway, loaded: LoadedConfig, public_port: int) -> None:

@@ -4,6 +4,7 @@ version, a handshake that stalls. A TCP probe that closes without a byte is not.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -165,3 +166,32 @@ def test_a_tcp_probe_that_sends_nothing_is_not_audited(env: Env) -> None:
     # and the listener is still fine
     alice = env.pki.clients["alice"]
     assert exchange(env, tls_client(env, (alice[0], alice[1]))).startswith(b"HTTP/1.1 ")
+
+
+def test_the_start_up_line_names_https(env: Env, tmp_path: Path) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("uvicorn.error")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        port = free_port()
+        tls = {"cert_file": str(env.pki.server_cert), "key_file": str(env.pki.server_key)}
+        doc = {"data_dir": ".", "server": {"listen": {"port": port}, "metrics": None, "tls": tls},
+               "upstreams": {"app": {"url": "http://127.0.0.1:9"}},
+               "routes": [{"name": "health", "path": "/v1/health", "methods": ["GET"], "upstream": "app",
+                           "public": True}]}
+        gw = GatewayThread(write_config(tmp_path, doc))
+        gw.start()
+        gw.stop()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in records if "running on" in r.getMessage()]
+    assert lines == [f"Uvicorn running on https://127.0.0.1:{port} (Press CTRL+C to quit)"], lines
