@@ -40,7 +40,8 @@ def _loop() -> str:
 
 def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     """The TLS protocol the loop itself runs for `create_server(ssl=...)`: uvloop's own
-    under uvloop, asyncio's otherwise (the same code, so the same speed)."""
+    under uvloop, asyncio's otherwise (the same code, so the same speed). Looked up per
+    connection: a microsecond beside a TLS handshake."""
     try:
         import uvloop
         import uvloop.loop as uvloop_loop

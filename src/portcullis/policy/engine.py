@@ -218,11 +218,17 @@ class AttributeUse:
 def attribute_use(policies: cedarpy.PolicySet) -> AttributeUse:
     """The `AttributeUse` of ``policies`` (templates and links included), read from its
     parsed form; anything unexpected means "all of it"."""
+    root = _pst(policies)
+    return AttributeUse(None, None) if root is None else _use_of(root)
+
+
+def _pst(policies: cedarpy.PolicySet) -> Any:
+    """``policies`` as `cedarpy.pst` nodes, or None for syntax cedarpy cannot express as
+    nodes (then: every attribute is sent, no slices, no shapes)."""
     try:
-        root = policies.to_pst()
-    except Exception:  # syntax cedarpy cannot express as nodes: assume everything is used
-        return AttributeUse(None, None)
-    return _use_of(root)
+        return policies.to_pst()
+    except Exception:
+        return None
 
 
 def _use_of(root: Any) -> AttributeUse:
@@ -249,14 +255,10 @@ def _use_of(root: Any) -> AttributeUse:
     return AttributeUse(None if whole_context else frozenset(ctx), frozenset(attrs))
 
 
-def _policy_nodes(policies: cedarpy.PolicySet) -> Any:
-    """The policies as `cedarpy.pst` nodes if they can be sliced by action (static
-    policies only, every one expressible as nodes), else None."""
-    try:
-        root = policies.to_pst()
-    except Exception:
-        return None
-    if root.templates or root.template_links or len(root.static_policies) != len(policies):
+def _policy_nodes(policies: cedarpy.PolicySet, root: Any) -> Any:
+    """``root`` (the policies as nodes, from `_pst`) if they can be sliced by action
+    (static policies only, every one expressible as nodes), else None."""
+    if root is None or root.templates or root.template_links or len(root.static_policies) != len(policies):
         return None
     return root
 
@@ -555,13 +557,10 @@ def build_state(cfg: PolicyConfig, routes: Sequence[RouteLike], policy_dir: Path
     problems = list(dict.fromkeys(problems))  # the validator repeats a problem per entity type
     if problems or schema is None or policies is None or base is None or schema_text is None:
         raise PolicyError(problems or [PolicyProblem("policies could not be loaded")])
-    nodes = _policy_nodes(policies)
+    root = _pst(policies)  # read once: attribute use, slices and shape rules all come from it
+    use = AttributeUse(None, None) if root is None else _use_of(root)
     state = _State(next(_generations), policies, schema, base, mapper, info, tuple(digest), schema_text,
-                   _use_of(nodes) if nodes is not None else attribute_use(policies), nodes, action_ancestors(base))
-    try:
-        root = nodes if nodes is not None else policies.to_pst()
-    except Exception:  # syntax cedarpy cannot express as nodes: no shapes, whole-input keys
-        root = None
+                   use, _policy_nodes(policies, root), action_ancestors(base))
     state.shape = shape_rules(root, mapper.role_entities())
     if state.shape.keep is None:
         log.info("decision cache keyed by whole inputs: %s", state.shape.reason)
@@ -678,25 +677,25 @@ class PolicyEngine:
             shape = self._shape(st, inp, prep)
         except Exception:  # a malformed input: evaluating it reports the error and denies
             return self._evaluate(st, inp)
-        keys: list[tuple[int, str | bytes]] = [exact] if shape is None else [(st.generation, shape), exact]
-        if shape is not None:
+        by_shape: tuple[int, str | bytes] | None = None if shape is None else (st.generation, shape)
+        if by_shape is not None:
             with self._lock:
-                hit = self._cache.get(keys[0])
+                hit = self._cache.get(by_shape)
                 if hit is not None:
-                    self._cache.move_to_end(keys[0])
+                    self._cache.move_to_end(by_shape)
                     self.hits += 1
                     self.shape_hits += 1
             if hit is not None:
-                self._remember(keys[1:], hit)  # this input again: no renaming needed
+                self._remember([exact], hit)  # this input again: no renaming needed
                 return hit
         decision = self._evaluate(st, inp, prep)
         with self._lock:
             self.evaluations += 1
-        if not decision.errors:
-            with self._lock:
+            if not decision.errors:
                 self.misses += 1
-            self._remember(keys, Decision(decision.allowed, decision.policies, decision.errors, True,
-                                          decision.generation))
+        if not decision.errors:
+            self._remember([exact] if by_shape is None else [by_shape, exact],
+                           Decision(decision.allowed, decision.policies, decision.errors, True, decision.generation))
         return decision
 
     def _remember(self, keys: list[tuple[int, str | bytes]], decision: Decision) -> None:
